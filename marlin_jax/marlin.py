@@ -1,0 +1,142 @@
+"""`Marlin`: the inference facade, named and shaped as users of `marlin_pytorch` know it.
+
+    from marlin_jax import Marlin
+    model = Marlin.from_file("marlin_vit_base_ytf", "marlin_vit_base_ytf.encoder.pt")
+    features = model.extract_features(clip, keep_seq=False)   # clip (B, 3, T, H, W) in [0, 1]
+    model.to_pytorch("exported/marlin_vit_base.pt")            # + .yaml + .safetensors
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from marlin_jax import checkpoints
+from marlin_jax.architectures import OFFICIAL_ARCHITECTURES, MarlinArchitecture, official_architecture
+from marlin_jax.config_files import load_config
+from marlin_jax.interop import torch_files
+from marlin_jax.interop.state_dict import export_state_dict, import_state_dict
+from marlin_jax.model import MarlinEncoder, MarlinMAE, PatchDiscriminator
+
+
+def resolve_architecture(model: str | MarlinArchitecture) -> MarlinArchitecture:
+    """An official name (`marlin_vit_base_ytf`), a config file (`configs/pretrain/x.py[:variant]`), or as is."""
+    if isinstance(model, MarlinArchitecture):
+        return model
+    if model in OFFICIAL_ARCHITECTURES or not model.partition(":")[0].endswith(".py"):
+        return official_architecture(model)
+    return MarlinArchitecture.from_dict(load_config(model).model.to_dict())
+
+
+def _as_channels_last(x) -> jax.Array:
+    """(B, 3, T, H, W) as the official API takes it (numpy, torch or jax) -> (B, T, H, W, 3) float32."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim != 5 or x.shape[1] != 3:
+        raise ValueError(f"expected a clip batch shaped (B, 3, T, H, W), got {tuple(x.shape)}")
+    return jnp.transpose(x, (0, 2, 3, 4, 1))
+
+
+class Marlin:
+    """Holds an architecture and its (host) parameters; runs jitted feature extraction and reconstruction."""
+
+    def __init__(self, architecture: MarlinArchitecture, generator_params: dict[str, Any],
+                 discriminator_params: dict[str, Any] | None = None, name: str | None = None):
+        if "encoder" not in generator_params:
+            raise ValueError("parameters have no 'encoder' tree")
+        self.architecture = architecture
+        self.params = generator_params
+        self.discriminator_params = discriminator_params
+        self.name = name
+
+    @property
+    def has_decoder(self) -> bool:
+        return "decoder" in self.params
+
+    @classmethod
+    def random_init(cls, model: str | MarlinArchitecture, seed: int = 0, full: bool = True) -> "Marlin":
+        """Freshly initialised weights (the official init scheme); `full` adds the decoder and discriminator."""
+        arch = resolve_architecture(model)
+        n = arch.num_tokens
+        clip = jnp.zeros((1, arch.num_frames, arch.img_size, arch.img_size, 3))
+        g_key, d_key = jax.random.split(jax.random.key(seed))
+        generator = nn.meta.unbox(MarlinMAE(arch).init(
+            g_key, clip, jnp.arange(1)[None], jnp.arange(1, n)[None])["params"])
+        discriminator = None
+        if full:
+            discriminator = nn.meta.unbox(PatchDiscriminator(arch).init(d_key, jnp.zeros((1, 1, arch.patch_dim)))["params"])
+        else:
+            generator = {"encoder": generator["encoder"]}
+        return cls(arch, jax.device_get(generator), jax.device_get(discriminator),
+                   name=model if isinstance(model, str) else None)
+
+    @classmethod
+    def from_file(cls, model_name: str | MarlinArchitecture, path: str | pathlib.Path) -> "Marlin":
+        """Loads official `.pt` / Lightning `.ckpt`, VideoMAE `.pth`, or this project's orbax checkpoint dir."""
+        arch = resolve_architecture(model_name)
+        name = model_name if isinstance(model_name, str) else None
+        path = pathlib.Path(path)
+        if path.is_dir():
+            saved_arch, generator, discriminator, _ = checkpoints.restore_params(path)
+            if saved_arch != arch:
+                raise ValueError(f"checkpoint {path} was trained with architecture {saved_arch}, not the "
+                                 f"requested {arch}")
+            return cls(arch, generator, discriminator, name)
+        state = torch_files.read_torch_checkpoint(path, arch)
+        generator, discriminator = import_state_dict(state, arch)
+        return cls(arch, generator, discriminator, name)
+
+    def state_dict(self, include_discriminator: bool = False) -> dict[str, np.ndarray]:
+        """The official PyTorch state_dict (numpy values)."""
+        discriminator = self.discriminator_params if include_discriminator else None
+        return export_state_dict(jax.device_get(self.params), self.architecture, discriminator)
+
+    def to_pytorch(self, path: str | pathlib.Path) -> dict[str, pathlib.Path]:
+        """Writes `<path>.pt` (loads strictly in `marlin_pytorch.Marlin.from_file`), `<path>.yaml`
+        (for `marlin_pytorch.config.register_model_from_yaml`) and `<path>.safetensors`."""
+        stem = pathlib.Path(path).with_suffix("")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        files = {kind: stem.with_suffix(f".{kind}") for kind in ("pt", "yaml", "safetensors")}
+        state = self.state_dict()
+        torch_files.write_torch_state_dict(state, files["pt"])
+        torch_files.write_marlin_pytorch_yaml(self.architecture, files["yaml"])
+        torch_files.write_safetensors(state, files["safetensors"])
+        return files
+
+    @functools.cached_property
+    def _features_fn(self):
+        encoder = MarlinEncoder(self.architecture)
+        return jax.jit(lambda params, clip, keep_seq: encoder.apply(
+            {"params": params}, clip, keep_seq, method=MarlinEncoder.extract_features), static_argnums=2)
+
+    @functools.cached_property
+    def _reconstruct_fn(self):
+        return jax.jit(lambda params, clip, visible_idx, masked_idx: MarlinMAE(self.architecture).apply(
+            {"params": params}, clip, visible_idx, masked_idx))
+
+    def extract_features(self, x, keep_seq: bool = True) -> np.ndarray:
+        """x (B, 3, T, H, W) in [0, 1] -> (B, N, D) features, or (B, D) with keep_seq False."""
+        clip = _as_channels_last(x)
+        return np.asarray(self._features_fn(self.params["encoder"], clip, bool(keep_seq)))
+
+    def reconstruct(self, x, mask) -> np.ndarray:
+        """x (B, 3, T, H, W), mask (B, N) bool, True = visible, the same count per row -> predicted patches of
+        the masked tokens (B, N_masked, 3 * tubelet * patch * patch), in ascending token order."""
+        if not self.has_decoder:
+            raise ValueError("this model has no decoder (loaded from an encoder-only checkpoint)")
+        mask = np.asarray(mask, bool)
+        if mask.ndim != 2 or mask.shape[1] != self.architecture.num_tokens:
+            raise ValueError(f"mask must be (B, {self.architecture.num_tokens}) bool, got {mask.shape}")
+        counts = mask.sum(axis=1)
+        if (counts != counts[0]).any():
+            raise ValueError(f"every mask row needs the same number of visible tokens, got {sorted(set(counts))}")
+        order = np.argsort(~mask, axis=1, kind="stable").astype(np.int32)
+        visible_idx, masked_idx = order[:, :counts[0]], order[:, counts[0]:]
+        return np.asarray(self._reconstruct_fn(self.params, _as_channels_last(x), visible_idx, masked_idx))

@@ -1,0 +1,303 @@
+"""The MARLIN video masked autoencoder in Flax: encoder, decoder and patch discriminator.
+
+Numerics follow the official PyTorch MARLIN exactly: pre-norm ViT blocks with q and v biases and no k bias,
+exact (erf) GELU, LayerNorm eps 1e-5, tubelet tokens ordered (t, h, w), a fixed 1-D sin-cos table over all
+tokens, the decoder appending mask tokens after the visible ones and predicting only the masked tokens.
+
+Videos are channels-last, (B, T, H, W, 3) floats in [0, 1]. Masks enter as index arrays (see
+`marlin_jax.masking.mask_to_indices`): their shapes carry the static visible-token count that XLA needs.
+
+Every parameter and the main activations carry logical axis names ("batch", "length", "embed", "mlp",
+"heads", "head_dim", "patch", ...); the trainer maps them to mesh axes with rules from its config.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from marlin_jax.architectures import MarlinArchitecture
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# torch's xavier_uniform_ on an (out, in) Linear weight, for our (in..., out...) kernels.
+_xavier = nn.initializers.xavier_uniform
+# torch's default Linear/Conv init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_torch_default_kernel = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _torch_default_bias(fan_in: int) -> Initializer:
+    bound = 1 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _truncated_mask_token_init(key, shape, dtype=jnp.float32):
+    # The official mask token: normal(0, 0.02) truncated at +-0.02, i.e. +-1 standard deviation.
+    return 0.02 * jax.random.truncated_normal(key, -1.0, 1.0, shape, dtype)
+
+
+def sincos_table(num_positions: int, dim: int) -> np.ndarray:
+    """The fixed 1-D sinusoid table (positions x dim): even dims sin, odd dims cos, shared frequency per pair."""
+    exponent = 2 * (np.arange(dim) // 2) / dim
+    angles = np.arange(num_positions)[:, None] / np.power(10000.0, exponent)[None, :]
+    table = np.empty_like(angles)
+    table[:, 0::2] = np.sin(angles[:, 0::2])
+    table[:, 1::2] = np.cos(angles[:, 1::2])
+    return table.astype(np.float32)
+
+
+def patchify(video: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
+    """(B, T, H, W, C) -> (B, N, C * tubelet * patch * patch), tokens (t, h, w)-ordered, values (c, pt, ph, pw).
+
+    This is the layout of the official Conv3d weight and of the official reconstruction target, so the patch
+    embedding is one matmul and the decoder's output compares against these vectors directly.
+    """
+    b, t, h, w, c = video.shape
+    nt, nh, nw = t // tubelet_size, h // patch_size, w // patch_size
+    x = video.reshape(b, nt, tubelet_size, nh, patch_size, nw, patch_size, c)
+    x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, nt * nh * nw, c * tubelet_size * patch_size * patch_size)
+
+
+def unpatchify(patches: jax.Array, grid: tuple[int, int, int], tubelet_size: int, patch_size: int) -> jax.Array:
+    """Inverse of `patchify`: (B, N, C * pt * ph * pw) -> (B, T, H, W, C)."""
+    b = patches.shape[0]
+    nt, nh, nw = grid
+    x = patches.reshape(b, nt, nh, nw, -1, tubelet_size, patch_size, patch_size)
+    x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, nt * tubelet_size, nh * patch_size, nw * patch_size, -1)
+
+
+def gather_tokens(tokens: jax.Array, indices: jax.Array) -> jax.Array:
+    """tokens (B, N, D), indices (B, K) -> (B, K, D)."""
+    return jnp.take_along_axis(tokens, indices[..., None], axis=1)
+
+
+def _param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...], axes: tuple):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with torch's eps and logically named scale/bias (flax keeps its statistics in float32)."""
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the official qkv bias: (q_bias, 0, v_bias)."""
+
+    num_heads: int
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        head_dim = dim // self.num_heads
+        qkv_kernel = _param(self, "qkv", _xavier(in_axis=0, out_axis=(1, 2, 3)),
+                            (dim, 3, self.num_heads, head_dim), ("embed", None, "heads", "head_dim"))
+        qkv = jnp.einsum("bnd,dkhe->kbnhe", x, qkv_kernel.astype(self.dtype))
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.qkv_bias:
+            bias_axes = ("heads", "head_dim")
+            q = q + _param(self, "q_bias", nn.initializers.zeros, (self.num_heads, head_dim), bias_axes).astype(self.dtype)
+            v = v + _param(self, "v_bias", nn.initializers.zeros, (self.num_heads, head_dim), bias_axes).astype(self.dtype)
+        q, k, v = (nn.with_logical_constraint(a, ("batch", "length", "heads", "head_dim")) for a in (q, k, v))
+        scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
+        # jax.nn.dot_product_attention lets XLA pick a fused kernel (cuDNN / TPU flash) where one exists.
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+        out_kernel = _param(self, "proj", _xavier(in_axis=(0, 1), out_axis=2),
+                            (self.num_heads, head_dim, dim), ("heads", "head_dim", "embed"))
+        out_bias = _param(self, "proj_bias", nn.initializers.zeros, (dim,), ("embed",))
+        out = jnp.einsum("bnhe,hed->bnd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+class Dense(nn.Module):
+    """A Linear layer whose kernel and bias carry logical axis names."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    kernel_init: Initializer = _xavier()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.axes)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + _param(self, "bias", self.bias_init, (self.features,), (self.axes[1],)).astype(self.dtype)
+        return y
+
+
+class MlpBlock(nn.Module):
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        h = Dense(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = nn.gelu(h, approximate=False)  # torch nn.GELU is the exact erf form
+        return Dense(dim, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ViT block (the official config has init_values 0, i.e. no layer scale)."""
+
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool
+    qk_scale: float | None
+    norm_eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + Attention(self.num_heads, self.qkv_bias, self.qk_scale, self.dtype, name="attn")(
+            layer_norm(self.norm_eps, self.dtype, name="norm1")(x))
+        x = x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.norm_eps, self.dtype, name="norm2")(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class TransformerStack(nn.Module):
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool
+    qk_scale: float | None
+    norm_eps: float
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+        for i in range(self.depth):
+            x = block_cls(self.num_heads, self.mlp_dim, self.qkv_bias, self.qk_scale, self.norm_eps, self.dtype,
+                          name=f"blocks_{i}")(x)
+        return x
+
+
+class PositionTable(nn.Module):
+    """The fixed sin-cos table, kept as a parameter like the official `pos_embedding.emb` so that imported
+    tables are used verbatim (torch computes it in float32, which differs from the exact table by ~1e-4 at far
+    positions). Gradients are stopped; the trainer also excludes it from the optimiser."""
+
+    num_positions: int
+    dim: int
+
+    @nn.compact
+    def __call__(self):
+        table = self.param("table", nn.with_logical_partitioning(
+            lambda *_: jnp.asarray(sincos_table(self.num_positions, self.dim)), (None, "embed")))
+        return jax.lax.stop_gradient(table)
+
+
+class MarlinEncoder(nn.Module):
+    arch: MarlinArchitecture
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        a = self.arch
+        self.patch_embedding = Dense(
+            a.encoder_embed_dim, ("patch", "embed"), kernel_init=_torch_default_kernel,
+            bias_init=_torch_default_bias(a.patch_dim), dtype=self.dtype)
+        self.pos_embedding = PositionTable(a.num_tokens, a.encoder_embed_dim)
+        self.blocks = TransformerStack(
+            a.encoder_depth, a.encoder_num_heads, a.mlp_dim, a.qkv_bias, a.qk_scale, a.norm_eps, self.remat,
+            self.dtype)
+        self.norm = layer_norm(a.norm_eps, self.dtype)
+
+    def embed(self, video):
+        patches = patchify(video.astype(self.dtype), self.arch.tubelet_size, self.arch.patch_size)
+        tokens = self.patch_embedding(patches) + self.pos_embedding().astype(self.dtype)
+        return nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
+
+    def __call__(self, video, visible_idx):
+        """Encodes the visible tokens only: (B, T, H, W, 3), (B, Nv) -> (B, Nv, D)."""
+        tokens = gather_tokens(self.embed(video), visible_idx)
+        return self.norm(self.blocks(tokens))
+
+    def extract_features(self, video, keep_seq: bool = True):
+        """All tokens; (B, N, D) or, with keep_seq False, (B, D) mean-pooled BEFORE the final norm (official)."""
+        tokens = self.blocks(self.embed(video))
+        if not keep_seq:
+            tokens = tokens.mean(axis=1)
+        return self.norm(tokens)
+
+
+class MarlinDecoder(nn.Module):
+    arch: MarlinArchitecture
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, visible_tokens, visible_idx, masked_idx):
+        """(B, Nv, Dd) visible tokens -> (B, Nm, patch_dim) predicted pixels of the masked tokens."""
+        a = self.arch
+        batch = visible_tokens.shape[0]
+        table = PositionTable(a.num_tokens, a.decoder_embed_dim, name="pos_embedding")().astype(self.dtype)
+        table = jnp.broadcast_to(table, (batch, *table.shape))
+        mask_token = _param(self, "mask_token", _truncated_mask_token_init, (a.decoder_embed_dim,), ("embed",))
+        x = jnp.concatenate([
+            visible_tokens.astype(self.dtype) + gather_tokens(table, visible_idx),
+            mask_token.astype(self.dtype) + gather_tokens(table, masked_idx),
+        ], axis=1)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = TransformerStack(a.decoder_depth, a.decoder_num_heads, a.decoder_mlp_dim, a.qkv_bias, a.qk_scale,
+                             a.norm_eps, self.remat, self.dtype, name="blocks")(x)
+        x = x[:, -masked_idx.shape[1]:]
+        x = layer_norm(a.norm_eps, self.dtype, name="norm")(x)
+        return Dense(a.patch_dim, ("embed", "patch"), dtype=self.dtype, name="head")(x)
+
+
+class MarlinMAE(nn.Module):
+    """Encoder -> bias-free projection -> decoder; the generator of MARLIN's adversarial training."""
+
+    arch: MarlinArchitecture
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.encoder = MarlinEncoder(self.arch, self.remat, self.dtype)
+        self.enc_dec_proj = Dense(self.arch.decoder_embed_dim, ("embed", "decoder_embed"), use_bias=False,
+                                  dtype=self.dtype)
+        self.decoder = MarlinDecoder(self.arch, self.remat, self.dtype)
+
+    def __call__(self, video, visible_idx, masked_idx):
+        """Predicted pixels (B, Nm, patch_dim) for the masked tokens, in ascending token order."""
+        encoded = self.encoder(video, visible_idx)
+        return self.decoder(self.enc_dec_proj(encoded), visible_idx, masked_idx)
+
+    def extract_features(self, video, keep_seq: bool = True):
+        return self.encoder.extract_features(video, keep_seq)
+
+
+class PatchDiscriminator(nn.Module):
+    """The official MLP([patch_dim, decoder_embed_dim * mlp_ratio, 1]) with LeakyReLU(0.01), per patch."""
+
+    arch: MarlinArchitecture
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, patches):
+        a = self.arch
+        dense = functools.partial(Dense, kernel_init=_torch_default_kernel, dtype=self.dtype)
+        h = dense(a.discriminator_hidden_dim, ("patch", "mlp"), bias_init=_torch_default_bias(a.patch_dim),
+                  name="fc1")(patches.astype(self.dtype))
+        h = nn.leaky_relu(h, negative_slope=0.01)
+        return dense(1, ("mlp", None), bias_init=_torch_default_bias(a.discriminator_hidden_dim), name="fc2")(h)
