@@ -222,15 +222,20 @@ class MarlinEncoder(nn.Module):
             self.dtype)
         self.norm = layer_norm(a.norm_eps, self.dtype)
 
-    def embed(self, video):
+    def embed(self, video, token_idx=None):
+        """Patch + position embedding of all tokens, or only of `token_idx` (B, K): embedding is per token, so
+        gathering the pixels first skips the 90% of the patch-embedding matmul that masking would discard."""
         patches = patchify(video.astype(self.dtype), self.arch.tubelet_size, self.arch.patch_size)
-        tokens = self.patch_embedding(patches) + self.pos_embedding().astype(self.dtype)
+        table = self.pos_embedding().astype(self.dtype)[None]
+        if token_idx is not None:
+            patches = gather_tokens(patches, token_idx)
+            table = gather_tokens(jnp.broadcast_to(table, (patches.shape[0], *table.shape[1:])), token_idx)
+        tokens = self.patch_embedding(patches) + table
         return nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
 
     def __call__(self, video, visible_idx):
         """Encodes the visible tokens only: (B, T, H, W, 3), (B, Nv) -> (B, Nv, D)."""
-        tokens = gather_tokens(self.embed(video), visible_idx)
-        return self.norm(self.blocks(tokens))
+        return self.norm(self.blocks(self.embed(video, visible_idx)))
 
     def extract_features(self, video, keep_seq: bool = True):
         """All tokens; (B, N, D) or, with keep_seq False, (B, D) mean-pooled BEFORE the final norm (official)."""

@@ -1,0 +1,190 @@
+"""Raw face videos -> TFRecord shards + manifest.json, resumably, in worker processes.
+
+Work happens per source (`data_prep.process`): each finished source leaves a part file and a status file
+under `<output>/_work/`. When all sources of a planned shard are finished, their parts are concatenated (in
+plan order) into the shard under a temporary name and renamed into place, the manifest is rewritten
+atomically, and only then are the parts deleted. A rerun therefore skips finished shards (manifest) and
+finished sources (status files), and redoes at most the sources that were in flight; shard files that
+exist but are not marked done in the manifest are rebuilt, and loaders read only the manifest's list.
+"""
+
+import dataclasses
+import functools
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from absl import logging
+from tqdm import tqdm
+
+from data_prep import process
+from data_prep.atomic import atomic_path, write_json
+from data_prep.manifest import make_manifest, tool_versions
+from data_prep.plan import ShardPlan, part_name, plan_fingerprint, plan_shards
+from data_prep.sources import Source, plan_sources
+from marlin_jax.data.shards import MANIFEST_NAME, load_manifest
+
+WORK_DIR = "_work"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    input_dir: str
+    output_dir: str
+    layout: str = "videos"
+    workers: int = os.cpu_count() or 1
+    split_csv_dir: str | None = None
+    val_fraction: float = 0.05
+    shard_size: int = 64  # sources per shard
+    segment_frames: int = 256
+    image_size: int = 224
+    jpeg_quality: int = 95
+
+    def content_settings(self) -> dict:
+        """The settings that decide what the shards hold (not where, nor how fast)."""
+        return {"layout": self.layout, "shard_size": self.shard_size, "segment_frames": self.segment_frames,
+                "image_size": self.image_size, "jpeg_quality": self.jpeg_quality}
+
+
+def default_cropper_factory(image_size: int) -> Callable[[], process.Cropper]:
+    from marlin_jax.faces import FaceCropper  # Loads MediaPipe; only builders need it.
+
+    return functools.partial(FaceCropper, size=image_size)
+
+
+def build_dataset(config: BuildConfig, cropper_factory: Callable[[], process.Cropper] | None = None) -> dict:
+    """Builds (or finishes building) the shard directory; returns the final manifest."""
+    if config.workers < 1:
+        raise ValueError(f"workers must be at least 1, got {config.workers}")
+    sources, skipped = plan_sources(config.input_dir, config.layout, config.split_csv_dir, config.val_fraction)
+    build = _Build(config, plan_shards(sources, config.shard_size), skipped)
+    build.resume()
+    pending = build.pending_sources()
+    logging.info("%d sources in %d shards; %d left to process", len(sources), len(build.shards), len(pending))
+    factory = cropper_factory or default_cropper_factory(config.image_size)
+    settings = process.EncodeSettings(config.layout, config.segment_frames, config.jpeg_quality)
+    tasks = [(source, build.part_path(source)) for source in pending]
+    with tqdm(total=len(sources), initial=len(sources) - len(pending), unit="video", smoothing=0.1) as bar:
+        frames, start = 0, time.perf_counter()
+        for status in _run(tasks, factory, settings, config.workers):
+            build.record(status)
+            frames += status["num_frames"]
+            bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}",
+                            failed=build.failed_count())
+            bar.update()
+    return build.finish()
+
+
+def _run(tasks: list[tuple[Source, Path]], factory, settings, workers: int) -> Iterator[dict]:
+    """Status of each task as it finishes: in this process for one worker, else in a spawn pool."""
+    if not tasks:
+        return
+    if workers == 1:
+        cropper = factory()
+        for source, part_path in tasks:
+            yield process.process_source(source, part_path, cropper, settings)
+        return
+    # spawn: MediaPipe/TFLite and FFmpeg threads do not survive fork.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(workers, len(tasks)), _init_worker, (factory, settings)) as pool:
+        yield from pool.imap_unordered(_process_in_worker, tasks, chunksize=1)
+
+
+_worker_state: dict = {}
+
+
+def _init_worker(factory, settings) -> None:
+    _worker_state["cropper"] = factory()
+    _worker_state["settings"] = settings
+
+
+def _process_in_worker(task: tuple[Source, Path]) -> dict:
+    source, part_path = task
+    return process.process_source(source, part_path, _worker_state["cropper"], _worker_state["settings"])
+
+
+class _Build:
+    """The state of one build: which shards are done, which sources are finished, the manifest."""
+
+    def __init__(self, config: BuildConfig, shards: list[ShardPlan], skipped: list[dict]):
+        self.config = config
+        self.shards = shards
+        self.output = Path(config.output_dir)
+        self.work = self.output / WORK_DIR
+        self.skipped = skipped
+        self.fingerprint = plan_fingerprint(shards, config.content_settings())
+        self.versions = tool_versions()
+        self.shard_of = {source.source_id: shard for shard in shards for source in shard.sources}
+        self.done_shards: set[str] = set()
+        self.statuses: dict[str, dict] = {}
+
+    def part_path(self, source: Source) -> Path:
+        return self.work / source.split / f"{part_name(source.source_id)}.tfrecord"
+
+    def resume(self) -> None:
+        """Loads what an earlier run finished, writes the manifest, and assembles any complete shard."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        if (self.output / MANIFEST_NAME).is_file():
+            self._adopt_manifest(load_manifest(self.output))
+        for shard in self.shards:
+            if shard.file in self.done_shards:
+                continue
+            for source in shard.sources:
+                if (status := process.read_status(self.part_path(source))) is not None:
+                    self.statuses[source.source_id] = status
+        self._write_manifest()
+        for shard in self.shards:
+            self._assemble_if_complete(shard)
+
+    def _adopt_manifest(self, manifest: dict) -> None:
+        if manifest["plan_fingerprint"] != self.fingerprint:
+            raise ValueError(f"{self.output} holds a build with other sources or settings "
+                             f"({manifest['settings']}); use a new output directory")
+        if manifest["versions"] != self.versions:
+            logging.warning("resuming a build made with other tool versions; the manifest records the new ones")
+        self.done_shards = {shard["file"] for shard in manifest["shards"]
+                            if shard["status"] == "done" and (self.output / shard["file"]).is_file()}
+        self.statuses = {entry["source_id"]: entry for entry in manifest["sources"]
+                         if entry["shard"] in self.done_shards}
+
+    def pending_sources(self) -> list[Source]:
+        return [source for shard in self.shards if shard.file not in self.done_shards
+                for source in shard.sources if source.source_id not in self.statuses]
+
+    def failed_count(self) -> int:
+        return sum(status["status"] == "failed" for status in self.statuses.values())
+
+    def record(self, status: dict) -> None:
+        self.statuses[status["source_id"]] = status
+        self._assemble_if_complete(self.shard_of[status["source_id"]])
+
+    def _assemble_if_complete(self, shard: ShardPlan) -> None:
+        if shard.file in self.done_shards or any(s.source_id not in self.statuses for s in shard.sources):
+            return
+        parts = [self.part_path(s) for s in shard.sources if self.statuses[s.source_id]["status"] == "ok"]
+        with atomic_path(self.output / shard.file) as temp, open(temp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as data:
+                    shutil.copyfileobj(data, out)
+        self.done_shards.add(shard.file)
+        self._write_manifest()
+        for source in shard.sources:
+            self.part_path(source).unlink(missing_ok=True)
+            process.status_path(self.part_path(source)).unlink(missing_ok=True)
+
+    def _write_manifest(self) -> dict:
+        manifest = make_manifest(shards=self.shards, done_shards=self.done_shards, statuses=self.statuses,
+                                 skipped=self.skipped, settings=self.config.content_settings(),
+                                 input_dir=str(Path(self.config.input_dir).resolve()),
+                                 fingerprint=self.fingerprint, versions=self.versions)
+        write_json(self.output / MANIFEST_NAME, manifest)
+        return manifest
+
+    def finish(self) -> dict:
+        manifest = self._write_manifest()
+        if manifest["complete"]:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return manifest

@@ -1,0 +1,83 @@
+"""Frames of a source, decoded in order and cut into segments that bound memory and record size.
+
+Videos are decoded with PyAV using FFmpeg's frame/slice threading; YouTube Faces folders are read image by
+image in natural order (`1.10.jpg` after `1.9.jpg`; the official loader sorts names as strings).
+"""
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def video_fps(path: str) -> float:
+    """Average frame rate of the first video stream; 0.0 when the container does not say."""
+    with av.open(path) as container:
+        stream = _video_stream(container, path)
+        rate = stream.average_rate or stream.guessed_rate
+        return float(rate) if rate else 0.0
+
+
+def iter_video_frames(path: str) -> Iterator[np.ndarray]:
+    """(H, W, 3) uint8 RGB frames of the first video stream."""
+    with av.open(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def _video_stream(container, path: str):
+    if not container.streams.video:
+        raise ValueError(f"{path} has no video stream")
+    return container.streams.video[0]
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def iter_image_folder_frames(folder: str) -> Iterator[np.ndarray]:
+    """(H, W, 3) uint8 RGB frames from the images of a folder, in natural name order."""
+    names = sorted((path.name for path in Path(folder).iterdir() if path.suffix.lower() in _IMAGE_EXTENSIONS),
+                   key=_natural_key)
+    for name in names:
+        image = cv2.imread(str(Path(folder) / name), cv2.IMREAD_COLOR_RGB)
+        if image is None:
+            raise ValueError(f"cannot decode the image {Path(folder) / name}")
+        yield image
+
+
+def iter_segments(frames: Iterator[np.ndarray], segment_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first frame index, (T, H, W, 3) frames) segments of `segment_frames` frames.
+
+    A remainder shorter than half a segment joins the last segment, so no record is a stub: segments hold
+    between `segment_frames // 2` and `segment_frames * 3 // 2` frames (all of a shorter source).
+    Raises ValueError when there are no frames or their sizes differ.
+    """
+    if segment_frames < 2:
+        raise ValueError(f"segment_frames must be at least 2, got {segment_frames}")
+    buffer: list[np.ndarray] = []
+    first = 0
+    for frame in frames:
+        buffer.append(frame)
+        if len(buffer) == segment_frames + segment_frames // 2:
+            yield first, _stack(buffer[:segment_frames])
+            first += segment_frames
+            buffer = buffer[segment_frames:]
+    if not buffer and first == 0:
+        raise ValueError("no frames could be decoded")
+    if buffer:
+        yield first, _stack(buffer)
+
+
+def _stack(frames: list[np.ndarray]) -> np.ndarray:
+    shapes = {frame.shape for frame in frames}
+    if len(shapes) > 1:
+        raise ValueError(f"frame size changes within the source: {sorted(shapes)}")
+    return np.stack(frames)

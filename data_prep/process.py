@@ -1,0 +1,104 @@
+"""One source -> its clip records in a part file, plus a JSON status: the unit of work of a build.
+
+The part file appears (renamed into place) only once every segment is written, and the status file after
+it, so a status file is the proof that the source is finished. A source that cannot be decoded, or shows no
+face in any frame, gets a `failed` status with the reason and no part file; any other exception is a bug
+and propagates.
+"""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Protocol
+
+import av
+import cv2
+import numpy as np
+
+from data_prep import frames as frame_io
+from data_prep.atomic import atomic_path, write_json
+from data_prep.sources import Source
+from marlin_jax.data import codecs
+from marlin_jax.data.schema import ClipRecord, serialize_clip
+from marlin_jax.data.tfrecord import RecordWriter
+from marlin_jax.faces import NoFaceError
+
+# What a broken, unreadable or faceless source raises (NoFaceError is a ValueError; a missing or unreadable
+# video file is an FFmpegError). OSError is left out on purpose: a full disk must stop the build.
+_SOURCE_ERRORS = (av.FFmpegError, ValueError, cv2.error)
+
+
+class Cropper(Protocol):
+    def process_video(self, frames: np.ndarray): ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeSettings:
+    layout: str
+    segment_frames: int
+    jpeg_quality: int
+
+
+def status_path(part_path: Path) -> Path:
+    return part_path.with_suffix(".json")
+
+
+def read_status(part_path: Path) -> dict | None:
+    """The finished source's status, or None when it is not finished."""
+    path = status_path(part_path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def process_source(source: Source, part_path: Path, cropper: Cropper, settings: EncodeSettings) -> dict:
+    """Crops, encodes and writes one source; returns (and stores next to the part) its status."""
+    start = time.perf_counter()
+    part_path.parent.mkdir(parents=True, exist_ok=True)
+    counts = {"num_frames": 0, "num_records": 0, "stored_frames": 0, "frames_with_face": 0,
+              "segments_without_face": 0}
+    try:
+        with atomic_path(part_path) as temp, RecordWriter(temp) as writer:
+            _write_segments(source, cropper, settings, writer, counts)
+            if counts["num_records"] == 0:
+                raise NoFaceError("no face found in any frame")
+        status = {"status": "ok", **counts}
+    except _SOURCE_ERRORS as error:
+        part_path.unlink(missing_ok=True)
+        status = {"status": "failed", "reason": f"{type(error).__name__}: {error}", **counts}
+    status = {"source_id": source.source_id, "split": source.split, **status,
+              "seconds": round(time.perf_counter() - start, 3)}
+    write_json(status_path(part_path), status)
+    return status
+
+
+def _write_segments(source: Source, cropper: Cropper, settings: EncodeSettings, writer: RecordWriter,
+                    counts: dict) -> None:
+    if settings.layout == "videos":
+        fps, frames = frame_io.video_fps(source.path), frame_io.iter_video_frames(source.path)
+    else:
+        fps, frames = 0.0, frame_io.iter_image_folder_frames(source.path)
+    for segment_index, (first_frame, segment) in enumerate(frame_io.iter_segments(frames,
+                                                                                  settings.segment_frames)):
+        counts["num_frames"] += len(segment)
+        try:
+            crops = cropper.process_video(segment)
+        except NoFaceError:
+            counts["segments_without_face"] += 1
+            continue
+        writer.write(serialize_clip(_clip_record(source, crops, fps, segment_index, first_frame,
+                                                 settings.jpeg_quality)))
+        counts["num_records"] += 1
+        counts["stored_frames"] += len(segment)
+        counts["frames_with_face"] += int(np.count_nonzero(crops.face_found))
+
+
+def _clip_record(source: Source, crops, fps: float, segment_index: int, first_frame: int,
+                 jpeg_quality: int) -> ClipRecord:
+    height, width = crops.frames.shape[1:3]
+    return ClipRecord(
+        frames_jpeg=[codecs.encode_jpeg(frame, jpeg_quality) for frame in crops.frames],
+        region_maps_png=[codecs.encode_label_map(labels) for labels in crops.region_maps],
+        face_found=np.asarray(crops.face_found, dtype=bool),
+        boxes=np.asarray(crops.boxes, dtype=np.float32),
+        height=height, width=width, fps=fps, source_id=source.source_id, segment_index=segment_index,
+        first_frame=first_frame, split=source.split)

@@ -1,0 +1,102 @@
+"""The pretraining input pipeline (grain): shard files -> per-host batches of clips and Fasking occupancy.
+
+Per host: its share of the split's shard files (`files[process_index::process_count]`) is shuffled anew each
+epoch and read `cycle_length` files at a time (interleaved); each record yields one clip sampled as in
+`marlin_jax.data.sampling`, still encoded, which a window of `shuffle_window` clips shuffles; the clip is then
+decoded, its region maps become occupancy, and clips are batched. With `worker_count > 0` all of this runs in
+that many worker processes (each on its slice of the file stream) that prefetch whole batches.
+
+Masks are not drawn here: the train step draws them on device from `occupancy` and `fold_in(key, step)`, so
+a resumed run draws the same masks and the pipeline stays cheap.
+
+Every random choice comes from `seed` (and the host index), and the returned iterator's
+`get_state()`/`set_state()` (or `grain.checkpoint.CheckpointSave/Restore` through orbax) resume exactly: a
+restored loader yields the batches the original would have yielded next. The state depends on
+`worker_count`, so restore with the same value.
+"""
+
+import os
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from marlin_jax.data.record_dataset import CheckedTFRecordDataset
+from marlin_jax.data.shards import split_shard_paths
+from marlin_jax.data.transforms import DecodeClip, SampleClipFrames
+
+
+def make_pretrain_loader(
+    data_dir: str | os.PathLike,
+    split: str,
+    global_batch_size: int,
+    seed: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 2,
+    num_frames: int = 16,
+    temporal_sample_rate: int = 2,
+    patch_size: int = 16,
+    tubelet_size: int = 2,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shuffle_window: int = 256,
+    cycle_length: int = 4,
+    worker_buffer_size: int = 2,
+) -> grain.DatasetIterator:
+    """This host's batches: {"video": uint8 (B, T, H, W, 3), "occupancy": bool (B, T/2, H/16, W/16, 11)}.
+
+    B = global_batch_size // process_count. `num_epochs=None` repeats forever; a last partial batch is
+    dropped. `process_index`/`process_count` default to JAX's. Worker processes are started with `spawn`,
+    so a script that uses them needs the `if __name__ == "__main__":` guard. Call `.close()` on the
+    iterator when done to stop them.
+    """
+    process_index, process_count = _process_placement(process_index, process_count)
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (forever) or positive, got {num_epochs}")
+    files = _host_files(data_dir, split, process_index, process_count)
+    file_seed, sample_seed, window_seed = np.random.SeedSequence([seed, process_index]).generate_state(3)
+
+    paths = grain.MapDataset.source([str(path) for path in files])
+    if shuffle:
+        paths = paths.shuffle(seed=int(file_seed))
+    paths = paths.repeat(num_epochs)
+    records = grain.experimental.InterleaveIterDataset(paths.map(CheckedTFRecordDataset),
+                                                       cycle_length=min(cycle_length, len(files)))
+    clips = records.random_map(SampleClipFrames(num_frames, temporal_sample_rate), seed=int(sample_seed))
+    if shuffle:
+        clips = grain.experimental.WindowShuffleIterDataset(clips, window_size=shuffle_window,
+                                                            seed=int(window_seed))
+    batches = clips.map(DecodeClip(patch_size, tubelet_size)).batch(global_batch_size // process_count,
+                                                                    drop_remainder=True)
+    # A finite stream shorter than the worker count would leave workers with nothing to read.
+    worker_count = min(worker_count, len(paths))
+    if worker_count > 0:
+        # grain's workers read absl flags; outside an absl app (scripts, pytest) nothing has parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                                   per_worker_buffer_size=worker_buffer_size))
+    return iter(batches)
+
+
+def _process_placement(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+    return process_index, process_count
+
+
+def _host_files(data_dir, split: str, process_index: int, process_count: int) -> list:
+    files = split_shard_paths(data_dir, split)
+    if not files:
+        raise ValueError(f"split {split!r} of {data_dir} has no records (see its manifest.json)")
+    if len(files) < process_count:
+        raise ValueError(f"split {split!r} of {data_dir} has {len(files)} non-empty shards, fewer than the "
+                         f"{process_count} processes; rebuild it with a smaller --shard-size")
+    return files[process_index::process_count]

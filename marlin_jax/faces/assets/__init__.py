@@ -1,0 +1,1 @@
+"""MediaPipe model files shipped as package data (provenance, licence and hashes: SOURCE.md)."""

@@ -1,0 +1,1 @@
+"""MARLIN pretraining: schedules, losses, the pure train step, sharding, checkpoints and the loop."""
