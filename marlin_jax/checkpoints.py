@@ -11,9 +11,12 @@ Inference and export read "params" and "metadata" alone, so they need no optimis
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from marlin_jax.architectures import MarlinArchitecture
@@ -35,30 +38,45 @@ def make_manager(directory: str | pathlib.Path, *, max_to_keep: int | None = 3,
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options, item_names=ITEM_NAMES)
 
 
+def _read_handlers() -> dict:
+    import grain
+    return {"params": ocp.PyTreeCheckpointHandler(), "opt_state": ocp.PyTreeCheckpointHandler(),
+            "data_iterator": grain.checkpoint.CheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+
+
 def is_checkpoint_dir(path: str | pathlib.Path) -> bool:
     directory = checkpoint_dir(path)
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-def restore_params(path: str | pathlib.Path, step: int | None = None
-                   ) -> tuple[MarlinArchitecture, dict[str, Any], dict[str, Any], int]:
-    """Reads (architecture, generator params, discriminator params, step) from a workdir's checkpoints.
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+    architecture: MarlinArchitecture
+    generator: dict[str, Any]
+    discriminator: dict[str, Any] | None
+    step: int
+    model_name: str
 
-    Arrays come back as host numpy arrays; `step` None takes the latest checkpoint.
-    """
+
+def restore_params(path: str | pathlib.Path, step: int | None = None) -> SavedModel:
+    """Reads the model of a workdir's (latest, or `step`) checkpoint, as host numpy arrays."""
     directory = checkpoint_dir(path)
     if not is_checkpoint_dir(directory):
         raise ValueError(f"{path} holds no orbax checkpoint (looked for numbered step folders in {directory})")
-    manager = ocp.CheckpointManager(directory, item_names=ITEM_NAMES,
+    manager = ocp.CheckpointManager(directory, item_handlers=_read_handlers(),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     steps = manager.all_steps()
     if step is None:
         step = manager.latest_step()
     elif step not in steps:
         raise ValueError(f"no checkpoint for step {step} in {directory}; available steps: {sorted(steps)}")
+    # Host numpy arrays, whatever devices wrote them: a checkpoint from a TPU pod or a 2-process run reads
+    # back on one CPU.
+    params_tree = manager.item_metadata(step)["params"].tree
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_tree)
     restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.PyTreeRestore(), metadata=ocp.args.JsonRestore()))
+        params=ocp.args.PyTreeRestore(restore_args=as_numpy), metadata=ocp.args.JsonRestore()))
     manager.close()
-    architecture = MarlinArchitecture.from_dict(restored.metadata["architecture"])
-    params = restored.params
-    return architecture, params["generator"], params.get("discriminator"), step
+    params, metadata = restored.params, restored.metadata
+    return SavedModel(MarlinArchitecture.from_dict(metadata["architecture"]), params["generator"],
+                      params.get("discriminator"), step, metadata.get("model_name", "marlin"))

@@ -84,11 +84,11 @@ class Marlin:
         name = model_name if isinstance(model_name, str) else None
         path = pathlib.Path(path)
         if path.is_dir():
-            saved_arch, generator, discriminator, _ = checkpoints.restore_params(path)
-            if saved_arch != arch:
-                raise ValueError(f"checkpoint {path} was trained with architecture {saved_arch}, not the "
+            saved = checkpoints.restore_params(path)
+            if saved.architecture != arch:
+                raise ValueError(f"checkpoint {path} was trained with architecture {saved.architecture}, not the "
                                  f"requested {arch}")
-            return cls(arch, generator, discriminator, name)
+            return cls(arch, saved.generator, saved.discriminator, name)
         state = torch_files.read_torch_checkpoint(path, arch)
         generator, discriminator = import_state_dict(state, arch)
         return cls(arch, generator, discriminator, name)

@@ -130,8 +130,9 @@ def setup(config, workdir: str | pathlib.Path) -> Run:
     latest = manager.latest_step()
     if latest is not None:
         _check_resumable(manager, latest, arch)
-        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                          state, state_shardings)
+        # The freshly initialised state is the restore target: same tree, shapes and shardings.
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                          state)
         restored = manager.restore(latest, args=ocp.args.Composite(
             params=ocp.args.StandardRestore({"generator": abstract.generator,
                                              "discriminator": abstract.discriminator}),

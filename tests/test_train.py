@@ -1,0 +1,186 @@
+"""Pretraining end to end on the embedded demo data: outputs, exact resume after SIGKILL, SIGTERM, sharding
+on 8 fake devices, two processes, and the errors a user meets first."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data_prep.demo import make_demo_dataset
+from marlin_jax import checkpoints
+from marlin_jax.config_files import load_config
+from marlin_jax.training.loop import NonFiniteLossError, train_and_evaluate
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO_ROOT / "configs/pretrain/marlin_vit_small.py") + ":tiny"
+LOSSES = ("rec_loss", "adv_loss", "d_loss")
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory) -> pathlib.Path:
+    output = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(output, num_videos=6, workers=1)
+    return output / "shards"
+
+
+def tiny_config(data_path, **overrides):
+    config = load_config(TINY_CONFIG)
+    config.data.path = str(data_path)
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def read_metrics(workdir: pathlib.Path) -> dict[int, dict]:
+    """step -> the LAST record logged for it (a resumed run logs some steps again)."""
+    records = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+def train_command(workdir, data_path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "marlin_jax.train", f"--config={TINY_CONFIG}", f"--workdir={workdir}",
+            f"--config.data.path={data_path}", *overrides]
+
+
+def run_train(workdir, data_path, *overrides: str, env=None, timeout=600) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(workdir, data_path, *overrides), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_tiny_pretraining_writes_everything(demo_shards, tmp_path):
+    config = tiny_config(demo_shards, total_steps=4, log_every=2, checkpoint_every=2, image_every=4)
+    final = train_and_evaluate(config, tmp_path)
+    assert np.isfinite(final["rec_loss"])
+    records = read_metrics(tmp_path)
+    assert sorted(records) == [2, 4]
+    for key in ("step", "rec_loss", "adv_loss", "d_loss", "lr", "clips_per_s", "g_grad_norm", "data_wait_s"):
+        assert key in records[4], key
+    assert checkpoints.restore_params(tmp_path).step == 4
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "reconstructions" / "step_00000004.png").is_file()
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(demo_shards, tmp_path):
+    overrides = ("--config.total_steps=7", "--config.log_every=1", "--config.checkpoint_every=2",
+                 "--config.image_every=0")
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    run_train(reference_dir, demo_shards, *overrides)
+
+    process = subprocess.Popen(train_command(resumed_dir, demo_shards, *overrides), cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (resumed_dir / "metrics.jsonl").is_file() and max(read_metrics(resumed_dir), default=0) >= 5:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(read_metrics(resumed_dir))
+    assert killed_at < 7
+
+    run_train(resumed_dir, demo_shards, *overrides)
+    reference, resumed = read_metrics(reference_dir), read_metrics(resumed_dir)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 8))
+    for step in reference:
+        for key in LOSSES:
+            assert resumed[step][key] == reference[step][key], (step, key)
+
+
+def test_sigterm_saves_and_stops(demo_shards, tmp_path):
+    process = subprocess.Popen(
+        train_command(tmp_path, demo_shards, "--config.total_steps=1000", "--config.log_every=1",
+                      "--config.checkpoint_every=1000", "--config.image_every=0"),
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").is_file() and read_metrics(tmp_path)):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    saved_step = checkpoints.restore_params(tmp_path).step
+    assert 1 <= saved_step < 1000
+    assert saved_step == max(read_metrics(tmp_path))
+
+
+def _losses(workdir) -> np.ndarray:
+    records = read_metrics(workdir)
+    return np.array([[records[s][k] for k in LOSSES] for s in sorted(records)])
+
+
+def test_data_parallel_and_fsdp_on_8_devices_match_one_device(demo_shards, tmp_path):
+    common = ("--config.total_steps=2", "--config.log_every=1", "--config.checkpoint_every=2",
+              "--config.image_every=0", "--config.batch_size=8")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run_train(tmp_path / "one", demo_shards, *common)
+    run_train(tmp_path / "data", demo_shards, *common, "--config.mesh.shape=(8,1,1)", env=env)
+    run_train(tmp_path / "fsdp", demo_shards, *common, "--config.mesh.shape=(2,2,2)", env=env)
+    one = _losses(tmp_path / "one")
+    np.testing.assert_allclose(_losses(tmp_path / "data"), one, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(_losses(tmp_path / "fsdp"), one, rtol=2e-5, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint(demo_shards, tmp_path):
+    port = _free_port()
+    env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_CPU_DEVICES="2")
+    processes = [subprocess.Popen(
+        train_command(tmp_path, demo_shards, "--config.total_steps=2", "--config.log_every=1",
+                      "--config.checkpoint_every=2", "--config.image_every=0",
+                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in processes]
+    for process, stderr in zip(processes, errors):
+        assert process.returncode == 0, stderr[-3000:]
+    assert checkpoints.restore_params(tmp_path).step == 2
+    assert sorted(read_metrics(tmp_path)) == [1, 2]
+
+
+def test_missing_data_is_reported_before_compiling(tmp_path):
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        train_and_evaluate(tiny_config(tmp_path / "nowhere"), tmp_path / "work")
+    with pytest.raises(ValueError, match="config.data.path is empty"):
+        train_and_evaluate(tiny_config(""), tmp_path / "work")
+
+
+def test_workdir_of_another_model_size_refuses_to_resume(demo_shards, tmp_path):
+    train_and_evaluate(tiny_config(demo_shards, total_steps=1, checkpoint_every=1, image_every=0), tmp_path)
+    deeper = tiny_config(demo_shards, total_steps=2, image_every=0)
+    deeper.model.encoder_depth = 3
+    with pytest.raises(ValueError, match="checkpoint of another model"):
+        train_and_evaluate(deeper, tmp_path)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_shards, tmp_path):
+    train_and_evaluate(tiny_config(demo_shards, total_steps=1, checkpoint_every=1, image_every=0), tmp_path)
+    diverging = tiny_config(demo_shards, total_steps=4, log_every=1, checkpoint_every=1, image_every=0)
+    diverging.learning_rate.base = 1e32  # resumes at step 1, then overflows
+    with pytest.raises(NonFiniteLossError, match="non-finite values at step 2"):
+        train_and_evaluate(diverging, tmp_path)
+    saved = checkpoints.restore_params(tmp_path)
+    import jax
+    assert saved.step == 1
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(saved.generator))
