@@ -23,6 +23,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # orbax logs a dozen INFO lines per checkpoint; the progress bar and warnings are what a user reads.
+    # Pass -v 0 (or --verbosity=0) to see everything.
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     import jax
     if _COORDINATOR.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
@@ -31,7 +35,8 @@ def main(argv):
         jax.distributed.initialize()
     from marlin_jax.training.loop import train_and_evaluate
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    logging.info("finished: %s", metrics)
+    if jax.process_index() == 0:
+        print("final metrics:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def model_windows(path: str | pathlib.Path, arch: MarlinArchitecture,
 
 
 @functools.partial(jax.jit, static_argnames=("arch", "keep_seq"))
-def _clip_features(params, clips: jax.Array, arch: MarlinArchitecture, keep_seq: bool) -> jax.Array:
+def clip_features(params, clips: jax.Array, arch: MarlinArchitecture, keep_seq: bool) -> jax.Array:
+    """Encoder params, clips (B, T, H, W, 3) uint8 -> (B, D), or (B, tokens, D) with keep_seq."""
     # uint8 in, so a host-to-accelerator copy moves a quarter of the bytes; / 255 in float32 as the official.
     video = clips.astype(jnp.float32) / 255
     return MarlinEncoder(arch).apply({"params": params}, video, keep_seq, method=MarlinEncoder.extract_features)
@@ -239,7 +240,7 @@ class _ClipBatcher:
         count = len(self._clips)
         padded = min(self._options.batch_size, 1 << (count - 1).bit_length())
         clips = np.stack(self._clips + [np.zeros_like(self._clips[0])] * (padded - count))
-        result = _clip_features(self._params, clips, self._arch, self._options.keep_seq)
+        result = clip_features(self._params, clips, self._arch, self._options.keep_seq)
         self._collect()
         self._in_flight = (result, self._owners)
         self._clips, self._owners = [], []

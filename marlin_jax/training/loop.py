@@ -9,7 +9,6 @@ run reproduces the uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import pathlib
 import signal
@@ -17,9 +16,8 @@ import time
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
+from absl import logging
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import grain
 from tqdm import tqdm
@@ -97,8 +95,13 @@ def _init_from(run_state: TrainState, path: str, arch: MarlinArchitecture, shard
     state = run_state.replace(generator=generator)
     if weights.discriminator_params is not None:
         state = state.replace(discriminator=weights.discriminator_params)
-    logging.info("initialised from %s (%s)", path, ", ".join(sorted(weights.params)))
+    _announce(f"initialised {', '.join(sorted(weights.params))} from {path}")
     return jax.device_put(state, shardings)
+
+
+def _announce(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(message)
 
 
 def setup(config, workdir: str | pathlib.Path) -> Run:
@@ -144,7 +147,7 @@ def setup(config, workdir: str | pathlib.Path) -> Run:
                            discriminator=restored.params["discriminator"],
                            generator_opt_state=restored.opt_state["generator"],
                            discriminator_opt_state=restored.opt_state["discriminator"])
-        logging.info("resumed from step %d in %s", latest, workdir)
+        _announce(f"resumed from step {latest} in {workdir}")
     elif config.init_from:
         state = _init_from(state, config.init_from, arch, state_shardings)
 
@@ -222,16 +225,22 @@ def run_loop(run: Run) -> dict[str, float]:
             batch = sharding.global_batch(local, run.mesh)
             run.state, metrics = run.train_step(run.state, batch, jax.random.fold_in(run.base_key, step))
             done = step + 1
-            window_steps += 1
             progress.update(1)
+            if step == start:
+                # The first step compiles; throughput counts the steps after it.
+                jax.block_until_ready(metrics)
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            else:
+                window_steps += 1
             is_last = done == run.total_steps or preemption.raised
             if done % config.log_every == 0 or is_last:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 _check_finite(values, done)
-                elapsed = time.perf_counter() - window_start
-                values["clips_per_s"] = window_steps * config.batch_size / elapsed
-                values["step_time_s"] = elapsed / window_steps
-                values["data_wait_s"] = data_wait / window_steps
+                if window_steps:
+                    elapsed = time.perf_counter() - window_start
+                    values["clips_per_s"] = window_steps * config.batch_size / elapsed
+                    values["step_time_s"] = elapsed / window_steps
+                    values["data_wait_s"] = data_wait / window_steps
                 reporter.scalars(done, values)
                 progress.set_postfix(rec=f"{values['rec_loss']:.4f}", d=f"{values['d_loss']:.3f}")
                 last_metrics = values
