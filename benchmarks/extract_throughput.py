@@ -7,9 +7,10 @@
 Both run the encoder on clips (B, 3, 16, 224, 224) with random weights and mean-pooled output (the default of
 extract_video); marlin_jax through the jitted function `marlin_jax.video_features` uses (uint8 clips in),
 PyTorch through `marlin_pytorch.Marlin.extract_features` with 2 threads. Machines here are shared, so rounds
-interleave the two frameworks and the best round counts (interference only slows a round down); medians are
-printed too. FLOPs per clip come from XLA's cost analysis and from the matmul count; "of_matmul_peak" divides
-the achieved matmul FLOP/s by each framework's own 2048x2048 float32 matmul rate, measured here.
+interleave the two frameworks and a 2048x2048 float32 matmul probe, and the best round counts (interference only
+slows a round down); medians and per-round paired speedups are printed too. FLOPs per clip come from XLA's cost
+analysis and from the matmul count; "of_matmul_peak" divides the achieved matmul FLOP/s by each framework's own
+matmul probe rate.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import sys
 import time
 import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +32,12 @@ import torch
 
 from marlin_jax import Marlin
 from marlin_jax.architectures import VIT_BASE, VIT_SMALL, MarlinArchitecture
-from marlin_jax.video_features import clip_features
+from marlin_jax.model import encode_clips
 
 ARCHITECTURES = {"vit_small": VIT_SMALL, "vit_base": VIT_BASE}
 TORCH_THREADS = 2
+FRAMEWORKS = ("jax", "torch")
+Runner = Callable[[], object]
 
 
 def import_marlin_pytorch():
@@ -41,7 +45,7 @@ def import_marlin_pytorch():
     torch used here: a stub module stands in (the encoder never touches it)."""
     try:
         import torchvision  # noqa: F401
-    except Exception:
+    except (ImportError, RuntimeError, OSError):  # absent, or built against another torch
         stub = types.ModuleType("torchvision")
         stub.io = types.ModuleType("torchvision.io")
         sys.modules["torchvision"] = stub
@@ -63,17 +67,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def matmul_gflops(rounds: int = 5, size: int = 2048) -> dict[str, float]:
-    a = jnp.asarray(np.random.default_rng(0).random((size, size), np.float32))
+def matmul_runners(size: int = 2048) -> dict[str, Runner]:
+    a = np.random.default_rng(0).random((size, size), np.float32)
+    jax_a, torch_a = jnp.asarray(a), torch.from_numpy(a)
     jax_matmul = jax.jit(lambda x: x @ x)
-    jax_matmul(a).block_until_ready()
-    t = torch.from_numpy(np.asarray(a))
-    torch.mm(t, t)
-    flops = 2 * size ** 3
-    return {
-        "jax": flops / min(timed(lambda: jax_matmul(a).block_until_ready()) for _ in range(rounds)) / 1e9,
-        "torch": flops / min(timed(lambda: torch.mm(t, t)) for _ in range(rounds)) / 1e9,
-    }
+    return {"jax": lambda: jax_matmul(jax_a).block_until_ready(), "torch": lambda: torch.mm(torch_a, torch_a)}
 
 
 def torch_encoder(marlin_pytorch, arch: MarlinArchitecture):
@@ -86,41 +84,48 @@ def torch_encoder(marlin_pytorch, arch: MarlinArchitecture):
         norm_layer="LayerNorm", init_values=0.0, tubelet_size=arch.tubelet_size).eval()
 
 
+def model_runners(params, torch_model, arch: MarlinArchitecture, batch: int) -> tuple[dict[str, Runner], float]:
+    """Both frameworks on the same clips, and XLA's FLOP count per clip."""
+    clips = np.random.default_rng(batch).integers(0, 256, (batch, arch.num_frames, arch.img_size, arch.img_size, 3),
+                                                   dtype=np.uint8)
+    compiled = encode_clips.lower(params, clips, arch, False).compile()
+    torch_clips = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 255
+    runners = {"jax": lambda: compiled(params, clips).block_until_ready(),
+               "torch": lambda: torch_model.extract_features(torch_clips, keep_seq=False)}
+    return runners, compiled.cost_analysis()["flops"] / batch
+
+
 def benchmark_model(marlin_pytorch, arch: MarlinArchitecture, batch_sizes: list[int], rounds: int) -> dict:
+    """Rounds interleave every (framework, batch) and the matmul probe, so each sees the same machine load."""
     params = jax.device_put(Marlin.random_init(arch, full=False).params["encoder"])
     torch_model = torch_encoder(marlin_pytorch, arch)
-    runners, xla_flops = {}, None
+    runners = {("matmul", framework): run for framework, run in matmul_runners().items()}
     for batch in batch_sizes:
-        clips = np.random.default_rng(batch).integers(0, 256, (batch, arch.num_frames, arch.img_size, arch.img_size, 3),
-                                                       dtype=np.uint8)
-        compiled = clip_features.lower(params, clips, arch, False).compile()
-        xla_flops = xla_flops or compiled.cost_analysis()["flops"] / batch
-        torch_clips = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 255
-        runners[batch] = {
-            "jax": lambda compiled=compiled, clips=clips: compiled(params, clips).block_until_ready(),
-            "torch": lambda x=torch_clips: torch_model.extract_features(x, keep_seq=False),
-        }
-        for run in runners[batch].values():
-            run()  # warm-up: caches, allocator, oneDNN primitives
-    seconds = {(fw, b): [] for b in batch_sizes for fw in ("jax", "torch")}
+        model, xla_flops = model_runners(params, torch_model, arch, batch)
+        runners.update({(batch, framework): run for framework, run in model.items()})
+    for run in runners.values():
+        run()  # warm-up: caches, allocator, oneDNN primitives
+    seconds = {key: [] for key in runners}
     for _ in range(rounds):
-        for batch, pair in runners.items():
-            for framework, run in pair.items():
-                seconds[framework, batch].append(timed(run))
-    result = {"xla_flops_per_clip": xla_flops, "matmul_flops_per_clip": matmul_flops_per_clip(arch)}
-    for framework in ("jax", "torch"):
+        for key, run in runners.items():
+            seconds[key].append(timed(run))
+    flops = matmul_flops_per_clip(arch)
+    result = {"xla_flops_per_clip": xla_flops, "matmul_flops_per_clip": flops,
+              "matmul_2048_gflops": {fw: 2 * 2048 ** 3 / min(seconds["matmul", fw]) / 1e9 for fw in FRAMEWORKS}}
+    for framework in FRAMEWORKS:
         result[framework] = {
-            f"batch_{b}": {"clips_per_s": b / min(seconds[framework, b]),
-                           "clips_per_s_median": b / statistics.median(seconds[framework, b])}
+            f"batch_{b}": {"clips_per_s": b / min(seconds[b, framework]),
+                           "clips_per_s_median": b / statistics.median(seconds[b, framework])}
             for b in batch_sizes}
-    return result
-
-
-def summarise(result: dict, peaks: dict[str, float]) -> None:
-    best = {fw: max(r["clips_per_s"] for r in result[fw].values()) for fw in ("jax", "torch")}
+    best = {fw: max(r["clips_per_s"] for r in result[fw].values()) for fw in FRAMEWORKS}
     result["best_clips_per_s"] = best
     result["speedup_jax_over_torch"] = best["jax"] / best["torch"]
-    result["of_matmul_peak"] = {fw: best[fw] * result["matmul_flops_per_clip"] / 1e9 / peaks[fw] for fw in best}
+    # Per round, same batch: less sensitive to load that drifts between rounds than best-of-rounds.
+    result["speedup_paired_median"] = {
+        f"batch_{b}": statistics.median(t / j for t, j in zip(seconds[b, "torch"], seconds[b, "jax"]))
+        for b in batch_sizes}
+    result["of_matmul_peak"] = {fw: best[fw] * flops / 1e9 / result["matmul_2048_gflops"][fw] for fw in best}
+    return result
 
 
 def main() -> None:
@@ -136,13 +141,10 @@ def main() -> None:
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "jax": jax.__version__, "torch": torch.__version__, "torch_threads": TORCH_THREADS,
                     "xla_flags": os.environ.get("XLA_FLAGS", "")},
-        "matmul_2048_gflops": matmul_gflops(),
         "models": {},
     }
     for name in args.models.split(","):
-        result = benchmark_model(marlin_pytorch, ARCHITECTURES[name], batch_sizes, args.rounds)
-        summarise(result, report["matmul_2048_gflops"])
-        report["models"][name] = result
+        report["models"][name] = benchmark_model(marlin_pytorch, ARCHITECTURES[name], batch_sizes, args.rounds)
     print(json.dumps(report, indent=2))
 
 

@@ -21,7 +21,12 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from marlin_jax.marlin import Marlin
-from marlin_jax.video_features import REDUCTIONS, VIDEO_SUFFIXES, ExtractionOptions, extract_to_directory
+from marlin_jax.video_features import (
+    REDUCTIONS,
+    VIDEO_SUFFIXES,
+    ExtractionOptions,
+    extract_to_directory,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-rate", type=int, default=2, help="use every n-th frame (default 2)")
     parser.add_argument("--stride", type=int, default=16, help="clip stride in sampled frames (default 16)")
     parser.add_argument("--reduction", choices=REDUCTIONS, default="none", help="reduce over clips (default none)")
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per model call, across videos (default 8)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="clips per model call, gathered across videos (default: 1 on CPU, 8 on GPU/TPU)")
     return parser.parse_args(argv)
 
 

@@ -22,7 +22,8 @@ from marlin_jax.architectures import OFFICIAL_ARCHITECTURES, MarlinArchitecture,
 from marlin_jax.config_files import load_config
 from marlin_jax.interop import torch_files
 from marlin_jax.interop.state_dict import export_state_dict, import_state_dict
-from marlin_jax.model import MarlinEncoder, MarlinMAE, PatchDiscriminator
+from marlin_jax.model import MarlinMAE, PatchDiscriminator, encode_clips
+from marlin_jax.video_features import extract_video_features
 
 
 def resolve_architecture(model: str | MarlinArchitecture) -> MarlinArchitecture:
@@ -55,6 +56,21 @@ class Marlin:
         self.params = generator_params
         self.discriminator_params = discriminator_params
         self.name = name
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Generator parameters (host arrays): {"encoder"} or {"encoder", "enc_dec_proj", "decoder"}."""
+        return self._params
+
+    @params.setter
+    def params(self, value: dict[str, Any]) -> None:
+        self._params = value
+        self.__dict__.pop("device_params", None)
+
+    @functools.cached_property
+    def device_params(self) -> dict[str, Any]:
+        """`params` on the default device, copied once (not on every call: ViT-B's weights are 344 MB)."""
+        return jax.device_put(self._params)
 
     @property
     def has_decoder(self) -> bool:
@@ -111,12 +127,6 @@ class Marlin:
         return files
 
     @functools.cached_property
-    def _features_fn(self):
-        encoder = MarlinEncoder(self.architecture)
-        return jax.jit(lambda params, clip, keep_seq: encoder.apply(
-            {"params": params}, clip, keep_seq, method=MarlinEncoder.extract_features), static_argnums=2)
-
-    @functools.cached_property
     def _reconstruct_fn(self):
         return jax.jit(lambda params, clip, visible_idx, masked_idx: MarlinMAE(self.architecture).apply(
             {"params": params}, clip, visible_idx, masked_idx))
@@ -124,7 +134,13 @@ class Marlin:
     def extract_features(self, x, keep_seq: bool = True) -> np.ndarray:
         """x (B, 3, T, H, W) in [0, 1] -> (B, N, D) features, or (B, D) with keep_seq False."""
         clip = _as_channels_last(x)
-        return np.asarray(self._features_fn(self.params["encoder"], clip, bool(keep_seq)))
+        return np.asarray(encode_clips(self.device_params["encoder"], clip, self.architecture, bool(keep_seq)))
+
+    def extract_video(self, video_path, crop_face: bool = False, sample_rate: int = 2, stride: int = 16,
+                      reduction: str = "none", keep_seq: bool = False) -> np.ndarray:
+        """marlin_pytorch's extract_video: (clips, D) features of a video file; see marlin_jax.video_features."""
+        return extract_video_features(self, video_path, crop_face=crop_face, keep_seq=keep_seq,
+                                      sample_rate=sample_rate, stride=stride, reduction=reduction)
 
     def reconstruct(self, x, mask) -> np.ndarray:
         """x (B, 3, T, H, W), mask (B, N) bool, True = visible, the same count per row -> predicted patches of
@@ -139,4 +155,4 @@ class Marlin:
             raise ValueError(f"every mask row needs the same number of visible tokens, got {sorted(set(counts))}")
         order = np.argsort(~mask, axis=1, kind="stable").astype(np.int32)
         visible_idx, masked_idx = order[:, :counts[0]], order[:, counts[0]:]
-        return np.asarray(self._reconstruct_fn(self.params, _as_channels_last(x), visible_idx, masked_idx))
+        return np.asarray(self._reconstruct_fn(self.device_params, _as_channels_last(x), visible_idx, masked_idx))

@@ -306,3 +306,14 @@ class PatchDiscriminator(nn.Module):
                   name="fc1")(patches.astype(self.dtype))
         h = nn.leaky_relu(h, negative_slope=0.01)
         return dense(1, ("mlp", None), bias_init=_torch_default_bias(a.discriminator_hidden_dim), name="fc2")(h)
+
+
+@functools.partial(jax.jit, static_argnames=("arch", "keep_seq"))
+def encode_clips(encoder_params, clips: jax.Array, arch: MarlinArchitecture, keep_seq: bool) -> jax.Array:
+    """Encoder features of clips (B, T, H, W, 3): floats in [0, 1], or uint8 (divided by 255 here, so a
+    host-to-accelerator copy moves a quarter of the bytes). -> (B, D), or (B, N, D) with keep_seq."""
+    if clips.dtype == jnp.uint8:
+        clips = clips.astype(jnp.float32) / 255
+    return MarlinEncoder(arch).apply({"params": encoder_params}, clips, keep_seq,
+                                     method=MarlinEncoder.extract_features)
+

@@ -3,10 +3,10 @@
     from marlin_jax import Marlin
     from marlin_jax.video_features import extract_video_features
     model = Marlin.from_file("marlin_vit_base_ytf", "marlin_vit_base_ytf.encoder.pt")
-    features = extract_video_features(model, "face_clip.mp4")     # (windows, 768)
+    features = extract_video_features(model, "face_clip.mp4")     # (clips, 768)
 
-Window schedule: that of `marlin_pytorch`'s `Marlin.extract_video`, with one correction. A video of N decoded
-frames gives clips of `clip_frames` (16) frames:
+Clip (window) schedule: that of `marlin_pytorch`'s `Marlin.extract_video`. A video of N decoded frames gives
+clips of `clip_frames` (16) frames:
 - N <= 16: one clip, all frames, padded to 16 by repeating the last frame;
 - 16 < N <= 16 * sample_rate: one clip, the first 16 frames (consecutive, not subsampled);
 - longer: clips of every `sample_rate`-th frame, starting at 0, stride * sample_rate, 2 * stride * sample_rate,
@@ -36,17 +36,19 @@ import functools
 import itertools
 import logging
 import pathlib
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import av
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from marlin_jax.architectures import MarlinArchitecture
-from marlin_jax.marlin import Marlin
-from marlin_jax.model import MarlinEncoder
+from marlin_jax.model import encode_clips
+
+if TYPE_CHECKING:  # marlin.py's Marlin.extract_video imports this module
+    from marlin_jax.marlin import Marlin
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 REDUCTIONS = ("none", "mean", "max")
@@ -66,7 +68,7 @@ class ExtractionOptions:
     keep_seq: per-clip token features (clips, tokens, D) instead of mean-pooled (clips, D).
     reduction: "none" keeps one row per clip; "mean" / "max" reduce over clips, as the official extract_video.
     batch_size: clips per jitted call, gathered across videos; a last partial batch is padded to the next power
-        of two, so XLA compiles at most 1 + log2(batch_size) shapes.
+        of two, so XLA compiles at most 1 + log2(batch_size) shapes. None: default_batch_size().
     """
 
     crop_face: bool = False
@@ -74,15 +76,23 @@ class ExtractionOptions:
     sample_rate: int = 2
     stride: int = 16
     reduction: str = "none"
-    batch_size: int = 8
+    batch_size: int | None = None
 
     def __post_init__(self):
-        for name in ("sample_rate", "stride", "batch_size"):
-            value = getattr(self, name)
+        counts = {"sample_rate": self.sample_rate, "stride": self.stride}
+        if self.batch_size is not None:
+            counts["batch_size"] = self.batch_size
+        for name, value in counts.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
+
+
+def default_batch_size() -> int:
+    """1 on CPU, where a batch of 4 ran slower per clip than single clips (the (B, heads, tokens, tokens)
+    attention logits outgrow the caches, benchmarks/extract_throughput.py); 8 on GPU/TPU."""
+    return 1 if jax.default_backend() == "cpu" else 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +115,7 @@ def decoded_frames(path: str | pathlib.Path) -> Iterator[av.VideoFrame]:
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as error:
-        raise VideoDecodeError(f"cannot open {path}: {error}") from error
+        raise VideoDecodeError(f"cannot open {path}: {_reason(error)}") from error
     with container:
         if not container.streams.video:
             raise VideoDecodeError(f"{path} has no video stream")
@@ -114,7 +124,12 @@ def decoded_frames(path: str | pathlib.Path) -> Iterator[av.VideoFrame]:
         try:
             yield from container.decode(stream)
         except av.FFmpegError as error:
-            raise VideoDecodeError(f"cannot decode {path}: {error}") from error
+            raise VideoDecodeError(f"cannot decode {path}: {_reason(error)}") from error
+
+
+def _reason(error: Exception) -> str:
+    # FFmpeg errors print as "[Errno N] reason: 'path'"; the path is already in our message.
+    return getattr(error, "strerror", None) or str(error)
 
 
 def schedule_windows(frames: Iterable[Frame], to_array: Callable[[Frame], np.ndarray], clip_frames: int = 16,
@@ -161,7 +176,7 @@ def video_windows(path: str | pathlib.Path, clip_frames: int = 16, size: int | N
                                 clip_frames, sample_rate, stride)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _face_cropper(size: int):
     # Imported here: MediaPipe's import and model load cost about a second, wasted without --crop-face.
     from marlin_jax.faces import FaceCropper
@@ -176,17 +191,14 @@ def model_windows(path: str | pathlib.Path, arch: MarlinArchitecture,
     if not options.crop_face:
         yield from windows
         return
+    from marlin_jax.faces import NoFaceError
     cropper = _face_cropper(arch.img_size)
-    for window in windows:
-        yield cropper.process_video(window).frames
-
-
-@functools.partial(jax.jit, static_argnames=("arch", "keep_seq"))
-def clip_features(params, clips: jax.Array, arch: MarlinArchitecture, keep_seq: bool) -> jax.Array:
-    """Encoder params, clips (B, T, H, W, 3) uint8 -> (B, D), or (B, tokens, D) with keep_seq."""
-    # uint8 in, so a host-to-accelerator copy moves a quarter of the bytes; / 255 in float32 as the official.
-    video = clips.astype(jnp.float32) / 255
-    return MarlinEncoder(arch).apply({"params": params}, video, keep_seq, method=MarlinEncoder.extract_features)
+    for index, window in enumerate(windows):
+        try:
+            crops = cropper.process_video(window)
+        except NoFaceError as error:
+            raise NoFaceError(f"{path}, clip {index}: {error}") from error
+        yield crops.frames
 
 
 class _ClipBatcher:
@@ -197,9 +209,10 @@ class _ClipBatcher:
     """
 
     def __init__(self, model: Marlin, options: ExtractionOptions):
-        self._params = jax.device_put(model.params["encoder"])
+        self._params = model.device_params["encoder"]
         self._arch = model.architecture
-        self._options = options
+        self._keep_seq = options.keep_seq
+        self._batch_size = options.batch_size or default_batch_size()
         self._clips: list[np.ndarray] = []
         self._owners: list[int] = []
         self._in_flight: tuple[jax.Array, list[int]] | None = None
@@ -211,7 +224,7 @@ class _ClipBatcher:
         self._clips.append(clip)
         self._owners.append(video)
         self._pending[video] += 1
-        if len(self._clips) == self._options.batch_size:
+        if len(self._clips) == self._batch_size:
             self._dispatch()
 
     def close(self, video: int) -> None:
@@ -238,9 +251,9 @@ class _ClipBatcher:
 
     def _dispatch(self) -> None:
         count = len(self._clips)
-        padded = min(self._options.batch_size, 1 << (count - 1).bit_length())
+        padded = min(self._batch_size, 1 << (count - 1).bit_length())
         clips = np.stack(self._clips + [np.zeros_like(self._clips[0])] * (padded - count))
-        result = clip_features(self._params, clips, self._arch, self._options.keep_seq)
+        result = encode_clips(self._params, clips, self._arch, self._keep_seq)
         self._collect()
         self._in_flight = (result, self._owners)
         self._clips, self._owners = [], []
@@ -300,7 +313,7 @@ def _feed_video(batcher: _ClipBatcher, index: int, windows: Iterator[np.ndarray]
 
 def extract_video_features(model: Marlin, path: str | pathlib.Path, crop_face: bool = False, keep_seq: bool = False,
                            sample_rate: int = 2, stride: int = 16, reduction: str = "none",
-                           batch_size: int = 8) -> np.ndarray:
+                           batch_size: int | None = None) -> np.ndarray:
     """One video -> (clips, D), (clips, tokens, D) with keep_seq, or one clip's shape with reduction "mean"/"max".
 
     `marlin_pytorch`'s `Marlin.extract_video`, on the schedule of the module docstring. Raises

@@ -11,24 +11,8 @@ from marlin_jax.interop import export_state_dict, import_state_dict
 from marlin_jax.interop.torch_files import marlin_pytorch_yaml
 
 torch = pytest.importorskip("torch")
+from torch_reference import build_torch_marlin  # noqa: E402  (needs torch)
 TOLERANCE = 1e-4
-
-
-def build_torch_marlin(marlin_pytorch, arch: MarlinArchitecture, seed: int):
-    """The official model with every tensor randomised (biases and norms too, so each mapping is exercised)."""
-    torch.manual_seed(seed)
-    model = marlin_pytorch.Marlin(
-        img_size=arch.img_size, patch_size=arch.patch_size, n_frames=arch.num_frames,
-        encoder_embed_dim=arch.encoder_embed_dim, encoder_depth=arch.encoder_depth,
-        encoder_num_heads=arch.encoder_num_heads, decoder_embed_dim=arch.decoder_embed_dim,
-        decoder_depth=arch.decoder_depth, decoder_num_heads=arch.decoder_num_heads, mlp_ratio=arch.mlp_ratio,
-        qkv_bias=arch.qkv_bias, qk_scale=arch.qk_scale, drop_rate=0.0, attn_drop_rate=0.0,
-        norm_layer="LayerNorm", init_values=0.0, tubelet_size=arch.tubelet_size, as_feature_extractor=False)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if "pos_embedding" not in name:
-                tensor.add_(0.05 * torch.randn_like(tensor))
-    return model.eval()
 
 
 def random_clip_and_mask(arch: MarlinArchitecture, batch: int, seed: int):
