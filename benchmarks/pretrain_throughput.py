@@ -243,8 +243,9 @@ def random_batch(arch: MarlinArchitecture, batch_size: int) -> dict[str, np.ndar
 
 def framework_result(seconds: list[float], steps: int, batch_size: int, flops_per_clip: float) -> dict:
     clips_per_s = len(seconds) * steps * batch_size / sum(seconds)
-    return {"clips_per_s": round(clips_per_s, 4),
-            "clips_per_s_per_round": [round(steps * batch_size / s, 4) for s in seconds],
+    per_round = [steps * batch_size / s for s in seconds]
+    return {"clips_per_s": round(clips_per_s, 4), "clips_per_s_per_round": [round(r, 4) for r in per_round],
+            "clips_per_s_best_round": round(max(per_round), 4),
             "achieved_gflops": round(clips_per_s * flops_per_clip / 1e9, 2)}
 
 
@@ -281,7 +282,11 @@ def benchmark_size(name: str, args, marlin_pytorch) -> dict:
                                 "torch": round(analytic["official_iteration"] / analytic["generator_forward"], 2)},
     }
     result["jax_over_torch"] = round(result["jax"]["clips_per_s"] / result["torch"]["clips_per_s"], 3)
-    result["target_2x_met"] = result["jax_over_torch"] >= 2.0
+    # On a shared CPU the OpenMP threads of PyTorch lose far more to other load than XLA's pool does; the
+    # ratio of the best rounds is the closer estimate of an idle machine.
+    result["jax_over_torch_best_rounds"] = round(
+        result["jax"]["clips_per_s_best_round"] / result["torch"]["clips_per_s_best_round"], 3)
+    result["target_2x_met"] = min(result["jax_over_torch"], result["jax_over_torch_best_rounds"]) >= 2.0
     return result
 
 
@@ -316,12 +321,12 @@ def configure_devices(args) -> None:
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
     else:
+        # Both frameworks share the GPU: JAX must not take 75% of its memory up front (read at backend start).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         if jax.default_backend() == "cpu":
             raise ValueError("--device gpu, but JAX found no accelerator (jax.default_backend() is 'cpu')")
         if not torch.cuda.is_available():
             raise ValueError("--device gpu, but torch.cuda.is_available() is False")
-        # Both frameworks share the GPU: JAX must not take 75% of its memory up front.
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         # JAX runs float32 matmuls on tensor cores (TF32) by default on GPU; let PyTorch do the same.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

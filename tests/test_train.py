@@ -18,7 +18,8 @@ import pytest
 from data_prep.demo import make_demo_dataset
 from marlin_jax import checkpoints
 from marlin_jax.config_files import load_config
-from marlin_jax.training.loop import NonFiniteLossError, train_and_evaluate
+from marlin_jax.training.loop import train_and_evaluate
+from marlin_jax.training.run_control import NonFiniteLossError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO_ROOT / "configs/pretrain/marlin_vit_small.py") + ":tiny"

@@ -9,14 +9,11 @@ run reproduces the uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
-import signal
 import time
 from typing import Any, Iterator
 
 import jax
-from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 import grain
@@ -27,15 +24,12 @@ from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.data import shards
 from marlin_jax.data.pipeline import make_pretrain_loader
 from marlin_jax.training import reporting, sharding
+from marlin_jax.training.run_control import PreemptionFlag, announce, check_finite
 from marlin_jax.training.schedules import learning_rate_schedule
 from marlin_jax.training.state import TrainState, init_train_state, make_optimizer
 from marlin_jax.training.steps import StepSettings, make_train_step, prepare_batch
 
 SCALARS = ("rec_loss", "adv_loss", "d_loss", "g_loss", "lr", "g_grad_norm", "g_update_norm", "g_param_norm")
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 @dataclasses.dataclass
@@ -95,13 +89,8 @@ def _init_from(run_state: TrainState, path: str, arch: MarlinArchitecture, shard
     state = run_state.replace(generator=generator)
     if weights.discriminator_params is not None:
         state = state.replace(discriminator=weights.discriminator_params)
-    _announce(f"initialised {', '.join(sorted(weights.params))} from {path}")
+    announce(f"initialised {', '.join(sorted(weights.params))} from {path}")
     return jax.device_put(state, shardings)
-
-
-def _announce(message: str) -> None:
-    if jax.process_index() == 0:
-        tqdm.write(message)
 
 
 def setup(config, workdir: str | pathlib.Path) -> Run:
@@ -147,15 +136,14 @@ def setup(config, workdir: str | pathlib.Path) -> Run:
                            discriminator=restored.params["discriminator"],
                            generator_opt_state=restored.opt_state["generator"],
                            discriminator_opt_state=restored.opt_state["discriminator"])
-        _announce(f"resumed from step {latest} in {workdir}")
+        announce(f"resumed from step {latest} in {workdir}")
     elif config.init_from:
         state = _init_from(state, config.init_from, arch, state_shardings)
 
     step_fn = make_train_step(settings, generator_tx, discriminator_tx, schedule)
     replicated = sharding.replicated(mesh)
-    with sharding.activate(mesh, rules):
-        train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
-                             out_shardings=(state_shardings, replicated), donate_argnums=0)
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0)
     return Run(config, workdir, arch, settings, mesh, state, state_shardings, train_step, loader, manager,
                total_steps, base_key)
 
@@ -170,13 +158,6 @@ def save_checkpoint(run: Run, step: int) -> None:
         metadata=ocp.args.JsonSave(_metadata(run.config, run.arch, step))), force=True)
 
 
-def _check_finite(metrics: dict[str, float], step: int) -> None:
-    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-    if bad:
-        raise NonFiniteLossError(f"non-finite values at step {step}: {bad}; stopping without saving. The last "
-                                 "good checkpoint is kept; lower the learning rate or check the data.")
-
-
 def _preview(run: Run, batch: dict[str, jax.Array], step: int) -> np.ndarray:
     """Reconstruction grid of the batch's first clip, with the mask the step drew."""
     from marlin_jax.model import MarlinMAE
@@ -189,25 +170,10 @@ def _preview(run: Run, batch: dict[str, jax.Array], step: int) -> np.ndarray:
                                          np.asarray(clips.masked_idx[0]), np.asarray(predicted[0]))
 
 
-class _PreemptionFlag:
-    """SIGTERM (a TPU preemption notice) asks the loop to checkpoint and stop after the current step."""
-
-    def __init__(self):
-        self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, *_):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.raised = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def run_loop(run: Run) -> dict[str, float]:
     config = run.config
     reporter = reporting.RunReporter(run.workdir)
-    preemption = _PreemptionFlag()
+    preemption = PreemptionFlag()
     start = int(jax.device_get(run.state.step))
     first_batch_checked = False
     last_metrics: dict[str, float] = {}
@@ -235,7 +201,7 @@ def run_loop(run: Run) -> dict[str, float]:
             is_last = done == run.total_steps or preemption.raised
             if done % config.log_every == 0 or is_last:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                _check_finite(values, done)
+                check_finite(values, done)
                 if window_steps:
                     elapsed = time.perf_counter() - window_start
                     values["clips_per_s"] = window_steps * config.batch_size / elapsed
@@ -248,7 +214,7 @@ def run_loop(run: Run) -> dict[str, float]:
             if config.image_every and (done % config.image_every == 0 or is_last):
                 reporter.image(done, _preview(run, batch, step))
             if done % config.checkpoint_every == 0 or is_last:
-                _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, done)
+                check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, done)
                 save_checkpoint(run, done)
             if preemption.raised:
                 break
@@ -271,7 +237,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     """Trains until config.total_steps (or num_epochs), checkpointing and logging on the way."""
     run = setup(config, workdir)
     try:
-        return run_loop(run)
+        # jit traces at the first call: the mesh and logical rules must be active there, or the model's
+        # activation-sharding constraints are silently dropped.
+        with sharding.activate(run.mesh, config.logical_axis_rules):
+            return run_loop(run)
     finally:
         run.manager.close()
         if hasattr(run.loader, "close"):
