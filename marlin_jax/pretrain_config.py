@@ -16,6 +16,23 @@ from marlin_jax.architectures import VIT_TINY, MarlinArchitecture
 VARIANTS = ("paper", "tiny")
 
 
+def add_mesh_config(config: ml_collections.ConfigDict) -> None:
+    """The mesh over all devices and how the model's logical axis names map onto its axes."""
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (-1, 1, 1)
+    config.mesh.axes = ("data", "fsdp", "tensor")
+    config.logical_axis_rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("length", None),
+        ("head_dim", None),
+        ("patch", None),
+        ("decoder_embed", None),
+    )
+
+
 def pretrain_config(architecture: MarlinArchitecture, model_name: str, variant: str | None) -> ml_collections.ConfigDict:
     variant = variant or "paper"
     if variant not in VARIANTS:
@@ -77,20 +94,7 @@ def pretrain_config(architecture: MarlinArchitecture, model_name: str, variant: 
     config.log_every = 50
     config.image_every = 1000
 
-    # Mesh axes and how logical axis names map onto them (the model only knows logical names).
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.shape = (-1, 1, 1)
-    config.mesh.axes = ("data", "fsdp", "tensor")
-    config.logical_axis_rules = (
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("length", None),
-        ("head_dim", None),
-        ("patch", None),
-        ("decoder_embed", None),
-    )
+    add_mesh_config(config)
 
     if variant == "tiny":
         config.model_name = f"{model_name}_tiny"

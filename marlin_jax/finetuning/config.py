@@ -20,6 +20,7 @@ from marlin_jax.architectures import (
     MarlinArchitecture,
 )
 from marlin_jax.evaluation.probe_data import TASKS
+from marlin_jax.pretrain_config import add_mesh_config
 
 DEFAULT_BACKBONE = "marlin_vit_base_ytf"
 TINY = "tiny"
@@ -72,18 +73,7 @@ def base_finetune_config(architecture: MarlinArchitecture = VIT_BASE,
     config.keep_checkpoints = 2
     config.log_every = 20
 
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.shape = (-1, 1, 1)
-    config.mesh.axes = ("data", "fsdp", "tensor")
-    config.logical_axis_rules = (
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("length", None),
-        ("head_dim", None),
-        ("patch", None),
-    )
+    add_mesh_config(config)
     return config
 
 
