@@ -198,7 +198,9 @@ def run_loop(run: Run) -> dict[str, float]:
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             else:
                 window_steps += 1
-            is_last = done == run.total_steps or preemption.raised
+            # Read the flag once: a SIGTERM landing later in this iteration must not skip the save below.
+            preempted = preemption.raised
+            is_last = done == run.total_steps or preempted
             if done % config.log_every == 0 or is_last:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_finite(values, done)
@@ -216,7 +218,7 @@ def run_loop(run: Run) -> dict[str, float]:
             if done % config.checkpoint_every == 0 or is_last:
                 check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, done)
                 save_checkpoint(run, done)
-            if preemption.raised:
+            if preempted:
                 break
     finally:
         preemption.restore()
