@@ -47,6 +47,7 @@ LEARNING_RATE = 1.5e-4 * 2 / 256  # the official base rate scaled to a batch of 
 ADAMW = types.SimpleNamespace(type="adamw", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
 # marlin_pytorch imports these at module level for video reading and face cropping only, never for the model.
 IO_ONLY_MODULES = ("torchvision", "cv2", "ffmpeg")
+MASK_DRAWS = 16  # PyTorch cycles through this many random masks, drawn up front as its data loader would
 
 
 def log(message: str) -> None:
@@ -185,8 +186,8 @@ class OfficialIteration:
         # The official loader hands over float clips (B, C, T, H, W) and bool masks (True = visible).
         self.video = torch.from_numpy(video).permute(0, 4, 1, 2, 3).to(device).float().div(255)
         generator = torch.Generator().manual_seed(0)
-        order = torch.rand(16, len(video), arch.num_tokens, generator=generator).argsort(dim=-1)
-        masks = torch.zeros(16, len(video), arch.num_tokens, dtype=torch.bool)
+        order = torch.rand(MASK_DRAWS, len(video), arch.num_tokens, generator=generator).argsort(dim=-1)
+        masks = torch.zeros(MASK_DRAWS, len(video), arch.num_tokens, dtype=torch.bool)
         masks.scatter_(-1, order[..., :num_visible], True)
         self.masks = list(masks.to(device))
         self.autocast = (functools.partial(torch.autocast, device, dtype=dtype) if dtype != torch.float32

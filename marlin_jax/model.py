@@ -82,22 +82,30 @@ def gather_tokens(tokens: jax.Array, indices: jax.Array) -> jax.Array:
 CPU_QUERY_CHUNK = 196
 
 
+def _einsum_attention(q, k, v, scale: float):
+    # q is pre-scaled, as the official Attention does; logits and softmax in float32.
+    logits = jnp.einsum("bqhe,bkhe->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
+    return jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
 def attention(q, k, v, scale: float):
     """(B, N, H, E) softmax attention.
 
-    Accelerators get `jax.nn.dot_product_attention`, so XLA can use a fused kernel (cuDNN, TPU flash). XLA:CPU
-    materialises the whole (B, H, N, N) logits tensor, 59 MB per ViT-S clip, and then runs far below matmul
-    speed; mapping over query chunks of one frame's tokens keeps the logits in cache and made CPU feature
-    extraction 1.25-1.6x faster (benchmarks/extract_throughput.py), with identical results.
+    Accelerators get `jax.nn.dot_product_attention`, the one place to switch to a fused kernel. On XLA:CPU that
+    call fuses its softmax (and, worse, the softmax's backward) with the matmuls into slow library fusions and
+    materialises the whole (B, H, N, N) logits, 59 MB per ViT-S clip. There, plain einsums around
+    `jax.nn.softmax`, mapped over query chunks of one frame's tokens, give the same values and made the ViT-B
+    pretraining step 1.5x and feature extraction 1.25-1.6x faster (benchmarks/*_throughput.py).
     """
     full = functools.partial(jax.nn.dot_product_attention, scale=scale)
+    on_cpu = functools.partial(_einsum_attention, scale=scale)
 
     def query_chunks(q, k, v):
         b, n, h, e = q.shape
         if n % CPU_QUERY_CHUNK or n == CPU_QUERY_CHUNK:
-            return full(q, k, v)
+            return on_cpu(q, k, v)
         chunks = q.reshape(b, n // CPU_QUERY_CHUNK, CPU_QUERY_CHUNK, h, e).swapaxes(0, 1)
-        out = jax.lax.map(lambda chunk: full(chunk, k, v), chunks)
+        out = jax.lax.map(lambda chunk: on_cpu(chunk, k, v), chunks)
         return out.swapaxes(0, 1).reshape(b, n, h, e)
 
     return jax.lax.platform_dependent(q, k, v, cpu=query_chunks, default=full)
