@@ -179,3 +179,15 @@ def test_per_epoch_stepping_matches_lambda_lr():
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         StepSettings.from_config(_config(**{field: value}), ARCH)
+
+
+def test_bfloat16_compute_with_remat_tracks_float32():
+    config = _config()
+    settings, g_tx, d_tx, schedule, state = _setup(config)
+    fast = StepSettings.from_config(_config(compute_dtype="bfloat16", remat=True), ARCH)
+    batch, key = _batch(2, 5), jax.random.key(2)
+    _, metrics32 = jax.jit(make_train_step(settings, g_tx, d_tx, schedule))(state, batch, key)
+    new_state, metrics16 = jax.jit(make_train_step(fast, g_tx, d_tx, schedule))(state, batch, key)
+    # Parameters stay float32; only the compute is bfloat16.
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(new_state.generator))
+    np.testing.assert_allclose(metrics16["rec_loss"], metrics32["rec_loss"], rtol=2e-2)
