@@ -34,6 +34,12 @@ def marlin_pytorch():
         stub.io.read_video = read_video
         sys.modules["torchvision"] = stub
         sys.modules["torchvision.io"] = stub.io
+        try:
+            return pytest.importorskip("marlin_pytorch")
+        finally:
+            # marlin_pytorch.util keeps its reference to the stub; other libraries (torchmetrics) must keep
+            # seeing torchvision as absent rather than find a module without a spec.
+            del sys.modules["torchvision"], sys.modules["torchvision.io"]
     return pytest.importorskip("marlin_pytorch")
 
 
