@@ -50,7 +50,6 @@ def pretrain_config(architecture: MarlinArchitecture, model_name: str, variant: 
     config.data = ml_collections.ConfigDict()
     config.data.path = ""
     config.data.train_split = "train"
-    config.data.val_split = "val"
     config.data.temporal_sample_rate = 2
     config.data.worker_count = 2
     config.data.shuffle_buffer = 64

@@ -29,8 +29,6 @@ from marlin_jax.training.schedules import learning_rate_schedule
 from marlin_jax.training.state import TrainState, init_train_state, make_optimizer
 from marlin_jax.training.steps import StepSettings, make_train_step, prepare_batch
 
-SCALARS = ("rec_loss", "adv_loss", "d_loss", "g_loss", "lr", "g_grad_norm", "g_update_norm", "g_param_norm")
-
 
 @dataclasses.dataclass
 class Run:
@@ -201,6 +199,7 @@ def run_loop(run: Run) -> dict[str, float]:
             # Read the flag once: a SIGTERM landing later in this iteration must not skip the save below.
             preempted = preemption.raised
             is_last = done == run.total_steps or preempted
+            values = None  # host copy of this step's metrics, fetched at most once
             if done % config.log_every == 0 or is_last:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_finite(values, done)
@@ -216,7 +215,9 @@ def run_loop(run: Run) -> dict[str, float]:
             if config.image_every and (done % config.image_every == 0 or is_last):
                 reporter.image(done, _preview(run, batch, step))
             if done % config.checkpoint_every == 0 or is_last:
-                check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, done)
+                if values is None:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    check_finite(values, done)
                 save_checkpoint(run, done)
             if preempted:
                 break
