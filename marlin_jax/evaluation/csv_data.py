@@ -64,13 +64,8 @@ def count_outputs(labels: np.ndarray, task: str, num_classes: int, csv_path: Pat
     return num_classes
 
 
-def load_csv(csv_path: str | Path, task: str, reduction: str, num_classes: int = 0) -> ProbeDataset:
-    """Loads every split listed in the CSV. `num_classes` <= 0 infers it from the largest multiclass label."""
-    csv_path = Path(csv_path)
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if not csv_path.is_file():
-        raise ValueError(f"Probe CSV not found: {csv_path}")
+def read_csv_rows(csv_path: Path, task: str) -> tuple[list[dict[str, str]], list[str]]:
+    """The CSV's rows and its label columns, with every split name and path checked."""
     with csv_path.open(newline="") as file:
         reader = csv.DictReader(file)
         columns = label_columns(list(reader.fieldnames or []), task, csv_path)
@@ -80,6 +75,17 @@ def load_csv(csv_path: str | Path, task: str, reduction: str, num_classes: int =
             raise ValueError(f"{csv_path} line {i + 2}: split must be one of {SPLITS}, got {row['split']!r}")
         if not row["path"]:
             raise ValueError(f"{csv_path} line {i + 2}: empty 'path'")
+    return rows, columns
+
+
+def load_csv(csv_path: str | Path, task: str, reduction: str, num_classes: int = 0) -> ProbeDataset:
+    """Loads every split listed in the CSV. `num_classes` <= 0 infers it from the largest multiclass label."""
+    csv_path = Path(csv_path)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if not csv_path.is_file():
+        raise ValueError(f"Probe CSV not found: {csv_path}")
+    rows, columns = read_csv_rows(csv_path, task)
     labels = parse_labels(rows, columns, task, csv_path)
     num_outputs = count_outputs(labels, task, num_classes, csv_path)
     splits, num_empty = {}, 0

@@ -12,7 +12,6 @@ Every listed video must exist; a missing one fails the load, naming it.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from marlin_jax.evaluation.celebvhq_data import (
     read_attribute_labels,
     read_split_files,
 )
-from marlin_jax.evaluation.csv_data import count_outputs, label_columns, parse_labels
+from marlin_jax.evaluation.csv_data import count_outputs, parse_labels, read_csv_rows
 from marlin_jax.evaluation.probe_data import SPLITS, TASKS, check_splits
 
 VIDEO_SUFFIX = ".mp4"
@@ -59,19 +58,6 @@ def check_videos_exist(paths: list[Path], source: str) -> None:
         raise ValueError(f"{len(missing)} video file(s) listed by {source} do not exist, e.g. {missing[:3]}")
 
 
-def _read_csv_rows(csv_path: Path, task: str) -> tuple[list[dict[str, str]], list[str]]:
-    with csv_path.open(newline="") as file:
-        reader = csv.DictReader(file)
-        columns = label_columns(list(reader.fieldnames or []), task, csv_path)
-        rows = list(reader)
-    for i, row in enumerate(rows):
-        if row["split"] not in SPLITS:
-            raise ValueError(f"{csv_path} line {i + 2}: split must be one of {SPLITS}, got {row['split']!r}")
-        if not row["path"]:
-            raise ValueError(f"{csv_path} line {i + 2}: empty 'path'")
-    return rows, columns
-
-
 def load_video_csv(csv_path: str | Path, task: str, num_classes: int = 0) -> VideoDataset:
     """Every split listed in the CSV; `num_classes` <= 0 infers it from the largest multiclass label."""
     csv_path = Path(csv_path)
@@ -79,7 +65,7 @@ def load_video_csv(csv_path: str | Path, task: str, num_classes: int = 0) -> Vid
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if not csv_path.is_file():
         raise ValueError(f"Fine-tuning CSV not found: {csv_path}")
-    rows, columns = _read_csv_rows(csv_path, task)
+    rows, columns = read_csv_rows(csv_path, task)
     labels = parse_labels(rows, columns, task, csv_path)
     num_outputs = count_outputs(labels, task, num_classes, csv_path)
     splits = {}
