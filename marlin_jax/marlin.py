@@ -22,7 +22,8 @@ from marlin_jax.architectures import OFFICIAL_ARCHITECTURES, MarlinArchitecture,
 from marlin_jax.config_files import load_config
 from marlin_jax.interop import torch_files
 from marlin_jax.interop.state_dict import export_state_dict, import_state_dict
-from marlin_jax.model import MarlinMAE, PatchDiscriminator, encode_clips
+from marlin_jax.masking import mask_to_indices
+from marlin_jax.model import MarlinMAE, encode_clips, init_params
 from marlin_jax.video_features import extract_video_features
 
 
@@ -80,16 +81,11 @@ class Marlin:
     def random_init(cls, model: str | MarlinArchitecture, seed: int = 0, full: bool = True) -> "Marlin":
         """Freshly initialised weights (the official init scheme); `full` adds the decoder and discriminator."""
         arch = resolve_architecture(model)
-        n = arch.num_tokens
-        clip = jnp.zeros((1, arch.num_frames, arch.img_size, arch.img_size, 3))
-        g_key, d_key = jax.random.split(jax.random.key(seed))
-        generator = nn.meta.unbox(MarlinMAE(arch).init(
-            g_key, clip, jnp.arange(1)[None], jnp.arange(1, n)[None])["params"])
-        discriminator = None
-        if full:
-            discriminator = nn.meta.unbox(PatchDiscriminator(arch).init(d_key, jnp.zeros((1, 1, arch.patch_dim)))["params"])
-        else:
-            generator = {"encoder": generator["encoder"]}
+        # jit: an eager init would run the whole forward op by op (seconds for ViT-S).
+        generator, discriminator = nn.meta.unbox(
+            jax.jit(init_params, static_argnums=1)(jax.random.key(seed), arch))
+        if not full:
+            generator, discriminator = {"encoder": generator["encoder"]}, None
         return cls(arch, jax.device_get(generator), jax.device_get(discriminator),
                    name=model if isinstance(model, str) else None)
 
@@ -153,6 +149,5 @@ class Marlin:
         counts = mask.sum(axis=1)
         if (counts != counts[0]).any():
             raise ValueError(f"every mask row needs the same number of visible tokens, got {sorted(set(counts))}")
-        order = np.argsort(~mask, axis=1, kind="stable").astype(np.int32)
-        visible_idx, masked_idx = order[:, :counts[0]], order[:, counts[0]:]
+        visible_idx, masked_idx = mask_to_indices(jnp.asarray(mask), int(counts[0]))
         return np.asarray(self._reconstruct_fn(self.device_params, _as_channels_last(x), visible_idx, masked_idx))

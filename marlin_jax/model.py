@@ -339,6 +339,16 @@ class PatchDiscriminator(nn.Module):
         return dense(1, ("mlp", None), bias_init=_torch_default_bias(a.discriminator_hidden_dim), name="fc2")(h)
 
 
+def init_params(key: jax.Array, arch: MarlinArchitecture) -> tuple[Any, Any]:
+    """(generator, discriminator) parameters with the official init scheme, still in their logical-axis boxes
+    (`nn.meta.unbox` them; the trainer first reads their shardings)."""
+    g_key, d_key = jax.random.split(key)
+    clip = jnp.zeros((1, arch.num_frames, arch.img_size, arch.img_size, 3), jnp.float32)
+    generator = MarlinMAE(arch).init(g_key, clip, jnp.arange(1)[None], jnp.arange(1, arch.num_tokens)[None])
+    discriminator = PatchDiscriminator(arch).init(d_key, jnp.zeros((1, 1, arch.patch_dim), jnp.float32))
+    return generator["params"], discriminator["params"]
+
+
 @functools.partial(jax.jit, static_argnames=("arch", "keep_seq"))
 def encode_clips(encoder_params, clips: jax.Array, arch: MarlinArchitecture, keep_seq: bool) -> jax.Array:
     """Encoder features of clips (B, T, H, W, 3): floats in [0, 1], or uint8 (divided by 255 here, so a

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from marlin_jax.architectures import MarlinArchitecture
-from marlin_jax.model import MarlinMAE, PatchDiscriminator
+from marlin_jax.model import init_params
 
 Params = Any
 
@@ -44,10 +44,7 @@ def make_optimizer(optimizer_config, schedule: optax.Schedule) -> optax.Gradient
 def init_train_state(key: jax.Array, arch: MarlinArchitecture, generator_tx: optax.GradientTransformation,
                      discriminator_tx: optax.GradientTransformation) -> TrainState:
     """Initial state whose parameters keep their logical-axis boxes (unbox after deriving shardings)."""
-    g_key, d_key = jax.random.split(key)
-    clip = jnp.zeros((1, arch.num_frames, arch.img_size, arch.img_size, 3), jnp.float32)
-    generator = MarlinMAE(arch).init(g_key, clip, jnp.arange(1)[None], jnp.arange(1, arch.num_tokens)[None])["params"]
-    discriminator = PatchDiscriminator(arch).init(d_key, jnp.zeros((1, 1, arch.patch_dim)))["params"]
+    generator, discriminator = init_params(key, arch)
     return TrainState(
         step=jnp.zeros((), jnp.int32), generator=generator, discriminator=discriminator,
         generator_opt_state=generator_tx.init(generator), discriminator_opt_state=discriminator_tx.init(discriminator))
