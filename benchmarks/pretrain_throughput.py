@@ -6,7 +6,7 @@
 
 Both sides train the same architecture on the same random clips with 156 of 1568 tokens visible (random
 masks), two AdamW optimisers (betas 0.9/0.95, eps 1e-8, no weight decay), adversarial weight 0.01:
-- JAX: `marlin_jax.training.steps.make_train_step`, jitted once (its compile also gives XLA's FLOP count).
+- JAX: `marlin_jax.pretraining.step.make_train_step`, jitted once (its compile also gives XLA's FLOP count).
 - PyTorch: the real `marlin_pytorch.Marlin(as_feature_extractor=False)` and the official discriminator
   `MLP([patch_dim, decoder_embed_dim * mlp_ratio, 1], LeakyReLU)`, stepped as the official Lightning module
   does: forward, D loss on the non-detached prediction, D step; zero G grads; forward again, G step.
@@ -37,8 +37,8 @@ import optax
 import torch
 
 from marlin_jax.architectures import VIT_BASE, VIT_SMALL, MarlinArchitecture
-from marlin_jax.training.state import init_train_state, make_optimizer
-from marlin_jax.training.steps import StepSettings, make_train_step
+from marlin_jax.pretraining.state import init_train_state, make_optimizer
+from marlin_jax.pretraining.step import StepSettings, make_train_step
 
 SIZES = {"small": VIT_SMALL, "base": VIT_BASE}
 VISIBLE_RATIO = 0.1

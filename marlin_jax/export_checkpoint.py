@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from marlin_jax import checkpoints
+from marlin_jax.training import checkpoints
 from marlin_jax.marlin import Marlin
 
 

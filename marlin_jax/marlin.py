@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from marlin_jax import checkpoints
+from marlin_jax.training import checkpoints
 from marlin_jax.architectures import OFFICIAL_ARCHITECTURES, MarlinArchitecture, official_architecture
 from marlin_jax.config_files import load_config
 from marlin_jax.interop import torch_files

@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from marlin_jax import Marlin, checkpoints
+from marlin_jax import Marlin
+from marlin_jax.training import checkpoints
 from marlin_jax.architectures import VIT_TINY
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

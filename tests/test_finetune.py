@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from marlin_jax import checkpoints
+from marlin_jax.training import checkpoints
 from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.config_files import load_config
 from marlin_jax.finetuning import trainer

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_prep.demo import make_demo_dataset
-from marlin_jax import checkpoints
+from marlin_jax.training import checkpoints
 from marlin_jax.config_files import load_config
 from marlin_jax.training.loop import train_and_evaluate
 from marlin_jax.training.run_control import NonFiniteLossError

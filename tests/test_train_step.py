@@ -13,10 +13,10 @@ import pytest
 
 from marlin_jax.architectures import VIT_TINY
 from marlin_jax.model import MarlinMAE, PatchDiscriminator
-from marlin_jax.training import losses
+from marlin_jax.pretraining import losses
 from marlin_jax.training.schedules import per_epoch, warmup_cosine
-from marlin_jax.training.state import init_train_state, make_optimizer
-from marlin_jax.training.steps import StepSettings, make_train_step, prepare_batch
+from marlin_jax.pretraining.state import init_train_state, make_optimizer
+from marlin_jax.pretraining.step import StepSettings, make_train_step, prepare_batch
 from marlin_jax.pretrain_config import pretrain_config
 
 ARCH = VIT_TINY

@@ -22,7 +22,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from marlin_jax import checkpoints
+from marlin_jax.training import checkpoints
 from marlin_jax.finetuning.steps import FinetuneState
 
 BEST_SUBDIR = "best"

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
 
-from marlin_jax import checkpoints
+from marlin_jax.training import checkpoints
 from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.evaluation.metrics import METRIC_NAMES, probe_metrics
 from marlin_jax.evaluation.probe_data import TASKS

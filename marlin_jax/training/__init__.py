@@ -1,1 +1,2 @@
-"""MARLIN pretraining: schedules, losses, the pure train step, sharding, checkpoints and the loop."""
+"""The training harness shared by pretraining and fine-tuning: the loop, checkpoints, evaluators, sharding,
+schedules, run control and reporting."""

@@ -19,15 +19,15 @@ import orbax.checkpoint as ocp
 import grain
 from tqdm import tqdm
 
-from marlin_jax import checkpoints
+from marlin_jax.training import checkpoints
 from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.data import shards
 from marlin_jax.data.pipeline import make_pretrain_loader
 from marlin_jax.training import reporting, sharding
 from marlin_jax.training.run_control import PreemptionFlag, announce, check_finite
 from marlin_jax.training.schedules import learning_rate_schedule
-from marlin_jax.training.state import TrainState, init_train_state, make_optimizer
-from marlin_jax.training.steps import StepSettings, make_train_step, prepare_batch
+from marlin_jax.pretraining.state import TrainState, init_train_state, make_optimizer
+from marlin_jax.pretraining.step import StepSettings, make_train_step, prepare_batch
 
 
 @dataclasses.dataclass

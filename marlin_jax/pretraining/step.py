@@ -24,8 +24,8 @@ import optax
 from marlin_jax import masking
 from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.model import MarlinMAE, PatchDiscriminator, gather_tokens, patchify
-from marlin_jax.training import losses
-from marlin_jax.training.state import TrainState
+from marlin_jax.pretraining import losses
+from marlin_jax.pretraining.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
