@@ -6,6 +6,7 @@ torch is imported lazily: only these files need it (`pip install marlin_jax[torc
 
 from __future__ import annotations
 
+import argparse
 import logging
 import pathlib
 import pickle
@@ -30,7 +31,37 @@ def _torch():
     return torch
 
 
-def _torch_load(path: pathlib.Path):
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that holds pickled objects beyond plain data, refused unless the caller trusts the file."""
+
+
+# What to pass to read pickled objects beyond plain data, in each place a checkpoint path can come from.
+TRUST_OPTIONS = ("trust_pickled_code=True (Python), --trust_pickled_checkpoint (extract and export), "
+                 "--config.trust_pickled_checkpoint=true (train and finetune)")
+
+
+def _inert_globals() -> list:
+    """Non-tensor types found next to the weights that only hold data, so building one runs no code.
+
+    Lightning keeps hyper-parameters, optimiser and scheduler states and callback states in a .ckpt; torch's
+    weights-only unpickler already reads all of these when they are plain values (as in the official MARLIN
+    train.py, whose hyper-parameters are numbers, strings, tuples and None). Hyper-parameters elsewhere can be
+    an argparse.Namespace (VideoMAE's .pth holds its run arguments as one), paths or numpy scalars. Paths
+    become pure paths, which any platform can build: a WindowsPath cannot be instantiated on Linux.
+    """
+    numpy_scalar = np.float64(0).__reduce__()[0]  # numpy.core (1.x) or numpy._core (2.x) multiarray.scalar
+    pure_paths = [(pathlib.PurePosixPath, f"{module}.{name}") for module in ("pathlib", "pathlib._local")
+                  for name in ("PosixPath", "PurePosixPath")]
+    pure_paths += [(pathlib.PureWindowsPath, f"{module}.{name}") for module in ("pathlib", "pathlib._local")
+                   for name in ("WindowsPath", "PureWindowsPath")]
+    # A pickled dtype is rebuilt as `numpy.dtype(...)` and then given its state, which the unpickler allows
+    # only for listed types: the dtype's own class (numpy.dtypes.Float64DType, ...).
+    dtype_classes = sorted({type(np.dtype(code)) for code in np.typecodes["All"]}, key=str)
+    return [argparse.Namespace, np.dtype, *dtype_classes, *pure_paths,
+            (numpy_scalar, "numpy.core.multiarray.scalar"), (numpy_scalar, "numpy._core.multiarray.scalar")]
+
+
+def _torch_load(path: pathlib.Path, trust_pickled_code: bool):
     torch = _torch()
     with path.open("rb") as file:
         magic = file.read(2)
@@ -38,15 +69,34 @@ def _torch_load(path: pathlib.Path):
     if not (zipfile.is_zipfile(path) or magic[:1] == b"\x80"):
         raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if trust_pickled_code:
+            logging.warning("unpickling %s with weights_only=False: any code the file holds runs", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_inert_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights_only" not in str(error):
+        if "Weights only load failed" not in str(error):
             raise ValueError(f"{path} is not a PyTorch checkpoint: {error}") from None
-        # Lightning .ckpt files pickle hyper-parameters and callback states next to the tensors.
-        logging.warning("%s holds non-tensor objects; loading it with weights_only=False (trust the file)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        raise UntrustedCheckpointError(
+            f"{path} holds pickled objects that are not plain data ({_unsafe_globals(torch, path, error)}); "
+            f"reading them could run code from the file, so it was not read. If you trust the file, allow "
+            f"it with {TRUST_OPTIONS}; or, where you trust it, save only its weights: "
+            f"torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.ckpt').") from None
     except Exception as error:  # torch reports damaged archives with many exception types
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {type(error).__name__}: {error}") from None
+
+
+def _unsafe_globals(torch, path: pathlib.Path, error: pickle.UnpicklingError) -> str:
+    """The classes and functions the file would need, found by reading its pickle without running it."""
+    try:
+        with torch.serialization.safe_globals(_inert_globals()):
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError):  # a legacy (pre-zip) file: only the error names the first one
+        names = []
+    if names:
+        return ", ".join(names)
+    reason = str(error).split("WeightsUnpickler error:")[-1].strip().split("\n\n")[0]
+    return reason.split(". Please use")[0]
 
 
 def _to_numpy(state: Mapping) -> dict[str, np.ndarray]:
@@ -87,15 +137,21 @@ def videomae_to_marlin(state: Mapping[str, np.ndarray], arch: MarlinArchitecture
     return renamed
 
 
-def read_torch_checkpoint(path: str | pathlib.Path, arch: MarlinArchitecture) -> dict[str, np.ndarray]:
-    """Any supported PyTorch file -> a MARLIN-named state_dict of numpy arrays."""
+def read_torch_checkpoint(path: str | pathlib.Path, arch: MarlinArchitecture, *,
+                          trust_pickled_code: bool = False) -> dict[str, np.ndarray]:
+    """Any supported PyTorch file -> a MARLIN-named state_dict of numpy arrays.
+
+    Files are read with torch's weights-only unpickler, which builds tensors and plain values only; a file
+    that needs other classes or functions raises `UntrustedCheckpointError`. `trust_pickled_code=True`
+    unpickles it fully instead, which runs whatever code the file holds: only for files you trust.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unsupported checkpoint type {path.suffix!r}; expected one of "
                          f"{', '.join(TORCH_SUFFIXES)} or an orbax checkpoint directory")
-    loaded = _torch_load(path)
+    loaded = _torch_load(path, trust_pickled_code)
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state_dict")
     if path.suffix == ".ckpt":
