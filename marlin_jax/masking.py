@@ -30,19 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The LaPa labels of the official FaRL face parser; right/left are the subject's.
-BACKGROUND = 0
-SKIN = 1
-RIGHT_BROW = 2
-LEFT_BROW = 3
-RIGHT_EYE = 4
-LEFT_EYE = 5
-NOSE = 6
-UPPER_LIP = 7
-INNER_MOUTH = 8
-LOWER_LIP = 9
-HAIR = 10
-NUM_LABELS = 11
+from marlin_jax.face_labels import (BACKGROUND, HAIR, INNER_MOUTH, LEFT_BROW, LEFT_EYE, LOWER_LIP, NOSE,
+                                    NUM_LABELS, RIGHT_BROW, RIGHT_EYE, SKIN, UPPER_LIP)
 
 # The official queue groups; within a group the labels are added in this order.
 COMPONENT_GROUPS = (

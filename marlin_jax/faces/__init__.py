@@ -8,7 +8,7 @@ LaPa/FaRL label space (crops.region_maps, labels in REGION_LABELS), which frames
 (crops.face_found) and the crop squares in source pixels (crops.boxes).
 """
 
+from marlin_jax.face_labels import REGION_LABELS
 from marlin_jax.faces.cropper import FaceCropper, FaceCrops, NoFaceError
-from marlin_jax.faces.region_map import REGION_LABELS
 
 __all__ = ["REGION_LABELS", "FaceCropper", "FaceCrops", "NoFaceError"]

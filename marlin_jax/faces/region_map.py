@@ -1,9 +1,10 @@
 """Per-frame face-region maps drawn from the 468 Face Mesh landmarks, in the LaPa/FaRL label space.
 
-The labels are those of the face parser the official MARLIN uses (FaRL trained on LaPa), which
-`marlin_jax.masking` reads. Right/left are the SUBJECT's right/left, as there. MediaPipe's groups
-follow the same convention: its LEFT_EYE (landmarks 263..362) is the subject's left eye, on the
-image's right in an unmirrored frontal photo (checked on skimage.data.astronaut()).
+The labels (`marlin_jax.face_labels`) are those of the face parser the official MARLIN uses (FaRL
+trained on LaPa), which `marlin_jax.masking` reads. Right/left are the SUBJECT's right/left, as
+there. MediaPipe's groups follow the same convention: its LEFT_EYE (landmarks 263..362) is the
+subject's left eye, on the image's right in an unmirrored frontal photo (checked on
+skimage.data.astronaut()).
 
 Each region is filled from MediaPipe's landmark groups (`FaceLandmarksConnections`), painted in
 this order so later regions win: hair, skin (the face oval), nose (convex hull of the NOSE group,
@@ -13,28 +14,11 @@ lower lip (between the outer and inner lip contours) and the inner mouth (inside
 Hair is not in the mesh and is approximated geometrically; see `_paint_hair`.
 """
 
-import types
-
 import cv2
 import numpy as np
 from mediapipe.tasks.python.vision import FaceLandmarksConnections as Mesh
 
-# Region name -> label value (read-only; iterates in label order). Same values as marlin_jax.masking.
-REGION_LABELS = types.MappingProxyType(
-    {
-        "background": 0,
-        "skin": 1,
-        "right_brow": 2,
-        "left_brow": 3,
-        "right_eye": 4,
-        "left_eye": 5,
-        "nose": 6,
-        "upper_lip": 7,
-        "inner_mouth": 8,
-        "lower_lip": 9,
-        "hair": 10,
-    }
-)
+from marlin_jax.face_labels import REGION_LABELS
 
 # Brows get at least this outline thickness (fraction of the face height), so they never vanish.
 BROW_THICKNESS = 0.02
