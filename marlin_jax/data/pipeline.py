@@ -6,6 +6,10 @@ epoch and read `cycle_length` files at a time (interleaved); each record yields 
 decoded, its region maps become occupancy, and clips are batched. With `worker_count > 0` all of this runs in
 that many worker processes (each on its slice of the file stream) that prefetch whole batches.
 
+Damaged records (bad checksums, a truncated file, bytes that do not parse or frames that do not decode) are
+skipped and counted, never batched (`marlin_jax.data.record_dataset`); `corrupt_record_counts(iterator)` gives
+the totals so far.
+
 Masks are not drawn here: the train step draws them on device from `occupancy` and `fold_in(key, step)`, so
 a resumed run draws the same masks and the pipeline stays cheap.
 
@@ -22,8 +26,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from marlin_jax.data.record_dataset import CheckedTFRecordDataset
-from marlin_jax.data.shards import split_shard_paths
+from marlin_jax.data.record_dataset import (CheckedTFRecordDataset, CorruptRecordTotals, CountCorruptRecords,
+                                            ShardFile, skip_corrupt)
+from marlin_jax.data.shards import load_manifest, split_shard_paths
 from marlin_jax.data.transforms import DecodeClip, SampleClipFrames
 
 
@@ -61,18 +66,19 @@ def make_pretrain_loader(
     files = _host_files(data_dir, split, process_index, process_count)
     file_seed, sample_seed, window_seed = np.random.SeedSequence([seed, process_index]).generate_state(3)
 
-    paths = grain.MapDataset.source([str(path) for path in files])
+    paths = grain.MapDataset.source(files)
     if shuffle:
         paths = paths.shuffle(seed=int(file_seed))
     paths = paths.repeat(num_epochs)
     records = grain.experimental.InterleaveIterDataset(paths.map(CheckedTFRecordDataset),
                                                        cycle_length=min(cycle_length, len(files)))
-    clips = records.random_map(SampleClipFrames(num_frames, temporal_sample_rate), seed=int(sample_seed))
+    clips = records.random_map(skip_corrupt(SampleClipFrames(num_frames, temporal_sample_rate)),
+                               seed=int(sample_seed))
     if shuffle:
         clips = grain.experimental.WindowShuffleIterDataset(clips, window_size=shuffle_window,
                                                             seed=int(window_seed))
-    batches = clips.map(DecodeClip(patch_size, tubelet_size)).batch(global_batch_size // process_count,
-                                                                    drop_remainder=True)
+    clips = CountCorruptRecords(clips.map(skip_corrupt(DecodeClip(patch_size, tubelet_size))))
+    batches = clips.batch(global_batch_size // process_count, drop_remainder=True)
     # A finite stream shorter than the worker count would leave workers with nothing to read.
     worker_count = min(worker_count, len(paths))
     if worker_count > 0:
@@ -81,7 +87,7 @@ def make_pretrain_loader(
             flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                                    per_worker_buffer_size=worker_buffer_size))
-    return iter(batches)
+    return iter(CorruptRecordTotals(batches, sum(shard.num_records for shard in files)))
 
 
 def _process_placement(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -92,11 +98,12 @@ def _process_placement(process_index: int | None, process_count: int | None) -> 
     return process_index, process_count
 
 
-def _host_files(data_dir, split: str, process_index: int, process_count: int) -> list:
+def _host_files(data_dir, split: str, process_index: int, process_count: int) -> list[ShardFile]:
     files = split_shard_paths(data_dir, split)
     if not files:
         raise ValueError(f"split {split!r} of {data_dir} has no records (see its manifest.json)")
     if len(files) < process_count:
         raise ValueError(f"split {split!r} of {data_dir} has {len(files)} non-empty shards, fewer than the "
                          f"{process_count} processes; rebuild it with a smaller --shard-size")
-    return files[process_index::process_count]
+    num_records = {shard["file"]: shard["num_records"] for shard in load_manifest(data_dir)["shards"]}
+    return [ShardFile(str(path), num_records[path.name]) for path in files[process_index::process_count]]

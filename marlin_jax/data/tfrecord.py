@@ -8,8 +8,9 @@ Each record on disk is
 no header, so whole files concatenate into a valid file; the shard builder relies on that.
 
 The reader checks both checksums. A record whose data checksum fails is counted and skipped (the length was
-intact, so the next record is still found); a bad length checksum or a truncated tail loses the framing, so
-the rest of the file is counted as one corrupt record and skipped. `strict=True` raises instead.
+intact, so the next record is still found); a bad length checksum or a truncated tail loses the framing
+(`LostFramingError`), so the rest of the file is counted as one corrupt record and skipped. `strict=True`
+raises instead. `RecordReader.read_next` raises for each damaged record, for readers that count otherwise.
 """
 
 import os
@@ -28,6 +29,10 @@ _MASK_DELTA = 0xA282EAD8
 
 class CorruptRecordError(ValueError):
     """A record whose checksum does not match, or a file cut inside a record."""
+
+
+class LostFramingError(CorruptRecordError):
+    """A damaged length or a file cut inside a record: where any further record starts is unknown."""
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -80,12 +85,9 @@ class RecordReader:
         return self
 
     def __next__(self) -> bytes:
-        if self._file is None:
-            self._file = open(self.path, "rb")
-            self._file.seek(self.offset)
         while True:
             try:
-                return self._read_one()
+                return self.read_next()
             except CorruptRecordError as error:
                 if self._strict:
                     raise
@@ -93,7 +95,12 @@ class RecordReader:
                 logging.warning("Skipping corrupt TFRecord data (%d so far in this file): %s",
                                 self.corrupt_records, error)
 
-    def _read_one(self) -> bytes:
+    def read_next(self) -> bytes:
+        """The next record. A damaged one raises `CorruptRecordError` with the reader already past it (at the
+        end of the file for `LostFramingError`); the end of the file raises StopIteration."""
+        if self._file is None:
+            self._file = open(self.path, "rb")
+            self._file.seek(self.offset)
         header = self._file.read(_HEADER_SIZE)
         if not header:
             self.close()
@@ -101,17 +108,17 @@ class RecordReader:
         start = self.offset
         if len(header) < _HEADER_SIZE:
             self._lose_framing()
-            raise CorruptRecordError(f"{self.path}: file ends inside a record header at byte {start}")
+            raise LostFramingError(f"{self.path}: file ends inside a record header at byte {start}")
         length_bytes = header[:_LENGTH.size]
         if masked_crc32c(length_bytes) != _CRC.unpack(header[_LENGTH.size:])[0]:
             self._lose_framing()
-            raise CorruptRecordError(f"{self.path}: length checksum mismatch at byte {start}; rest of file "
+            raise LostFramingError(f"{self.path}: length checksum mismatch at byte {start}; rest of file "
                                      "skipped")
         (length,) = _LENGTH.unpack(length_bytes)
         body = self._file.read(length + _CRC.size)
         if len(body) < length + _CRC.size:
             self._lose_framing()
-            raise CorruptRecordError(f"{self.path}: file ends inside the record at byte {start}")
+            raise LostFramingError(f"{self.path}: file ends inside the record at byte {start}")
         self.offset = start + _HEADER_SIZE + len(body)
         data = body[:length]
         if masked_crc32c(data) != _CRC.unpack(body[length:])[0]:
