@@ -6,6 +6,10 @@ plan order) into the shard under a temporary name and renamed into place, the ma
 atomically, and only then are the parts deleted. A rerun therefore skips finished shards (manifest) and
 finished sources (status files), and redoes at most the sources that were in flight; shard files that
 exist but are not marked done in the manifest are rebuilt, and loaders read only the manifest's list.
+
+A full disk stops the build with a `DiskFullError` that names the file and estimates what the rest of the
+build needs; everything finished is kept and half-written files are removed, so a rerun after freeing space
+completes the build.
 """
 
 import dataclasses
@@ -21,7 +25,8 @@ from absl import logging
 from tqdm import tqdm
 
 from data_prep import process
-from data_prep.atomic import atomic_path, write_json
+from data_prep.atomic import (DiskFullError, atomic_path, disk_full_error, format_size, remove_temporaries,
+                              write_json)
 from data_prep.manifest import make_manifest, tool_versions
 from data_prep.plan import ShardPlan, part_name, plan_fingerprint, plan_shards
 from data_prep.sources import Source, plan_sources
@@ -61,13 +66,23 @@ def build_dataset(config: BuildConfig, cropper_factory: Callable[[], process.Cro
         raise ValueError(f"workers must be at least 1, got {config.workers}")
     sources, skipped = plan_sources(config.input_dir, config.layout, config.split_csv_dir, config.val_fraction)
     build = _Build(config, plan_shards(sources, config.shard_size), skipped)
+    try:
+        return _process_and_assemble(build, config, cropper_factory)
+    except DiskFullError as error:
+        raise build.disk_full(error) from error
+
+
+def _process_and_assemble(build: "_Build", config: BuildConfig,
+                           cropper_factory: Callable[[], process.Cropper] | None) -> dict:
     build.resume()
     pending = build.pending_sources()
-    logging.info("%d sources in %d shards; %d left to process", len(sources), len(build.shards), len(pending))
+    logging.info("%d sources in %d shards; %d left to process", len(build.shard_of), len(build.shards),
+                 len(pending))
     factory = cropper_factory or default_cropper_factory(config.image_size)
     settings = process.EncodeSettings(config.layout, config.segment_frames, config.jpeg_quality)
     tasks = [(source, build.part_path(source)) for source in pending]
-    with tqdm(total=len(sources), initial=len(sources) - len(pending), unit="video", smoothing=0.1) as bar:
+    with tqdm(total=len(build.shard_of), initial=len(build.shard_of) - len(pending), unit="video",
+              smoothing=0.1) as bar:
         frames, start = 0, time.perf_counter()
         for status in _run(tasks, factory, settings, config.workers):
             build.record(status)
@@ -127,6 +142,7 @@ class _Build:
     def resume(self) -> None:
         """Loads what an earlier run finished, writes the manifest, and assembles any complete shard."""
         self.output.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(self.output)  # a killed run's half-written files only take space
         if (self.output / MANIFEST_NAME).is_file():
             self._adopt_manifest(load_manifest(self.output))
         for shard in self.shards:
@@ -165,6 +181,9 @@ class _Build:
         if shard.file in self.done_shards or any(s.source_id not in self.statuses for s in shard.sources):
             return
         parts = [self.part_path(s) for s in shard.sources if self.statuses[s.source_id]["status"] == "ok"]
+        size = sum(part.stat().st_size for part in parts)
+        if shutil.disk_usage(self.output).free < size:
+            raise disk_full_error(self.output / shard.file, f"assembling it needs {format_size(size)}")
         with atomic_path(self.output / shard.file) as temp, open(temp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as data:
@@ -182,6 +201,36 @@ class _Build:
                                  fingerprint=self.fingerprint, versions=self.versions)
         write_json(self.output / MANIFEST_NAME, manifest)
         return manifest
+
+    def disk_full(self, error: DiskFullError) -> DiskFullError:
+        """`error`, with what the rest of the build needs and how to finish it."""
+        remove_temporaries(self.output)  # worker processes stopped mid-write leave theirs
+        pending = len(self.pending_sources())
+        finished_bytes, finished_sources = self._finished_output()
+        if finished_sources:
+            per_source = finished_bytes / finished_sources
+            needed = per_source * (pending + self.config.shard_size)
+            free = shutil.disk_usage(self.output).free
+            estimate = (f"the {pending} sources left need about {format_size(needed)} more (at the "
+                        f"{format_size(per_source)} per source written so far, plus room to assemble a shard) "
+                        f"and {format_size(free)} is free")
+        else:
+            estimate = f"no source has finished yet, so what the {pending} sources need is not known"
+        return DiskFullError(error.errno, f"{error.strerror}. In {self.output}, {estimate}. Finished shards "
+                                          f"({len(self.done_shards)} of {len(self.shards)}) and sources are kept: "
+                                          "free space and rerun the same command to finish the build.")
+
+    def _finished_output(self) -> tuple[int, int]:
+        """Bytes written for the finished sources (in done shards and in part files), and their count."""
+        size, count = 0, 0
+        for shard in self.shards:
+            ok = [s for s in shard.sources if self.statuses.get(s.source_id, {}).get("status") == "ok"]
+            if shard.file in self.done_shards:
+                size, count = size + (self.output / shard.file).stat().st_size, count + len(ok)
+                continue
+            parts = [path for path in map(self.part_path, ok) if path.is_file()]
+            size, count = size + sum(path.stat().st_size for path in parts), count + len(parts)
+        return size, count
 
     def finish(self) -> dict:
         manifest = self._write_manifest()
