@@ -1,73 +1,68 @@
 """Extract MARLIN features from videos: one .npy per video.
 
     python -m marlin_jax.extract --model marlin_vit_base_ytf --weights marlin_vit_base_ytf.encoder.pt \
-        --output-dir features/ videos/
+        --output_dir features/ videos/
     # raw footage (not 224x224 face crops): crop the face first
     python -m marlin_jax.extract --model marlin_vit_base_ytf --weights marlin_vit_base_ytf.encoder.pt \
-        --output-dir features/ --crop-face --batch-size 16 videos/ extra_clip.mp4
+        --output_dir features/ --crop_face --batch_size 16 videos/ extra_clip.mp4
 
-Each video gives `<output-dir>/<sub-folders>/<stem>.npy`: (clips, D) floats, (clips, tokens, D) with
---keep-seq, or (D,) with --reduction mean|max. The clip schedule is marlin_pytorch's extract_video (see
-marlin_jax.video_features). Videos that cannot be read, or have no face with --crop-face, are skipped and
-listed at the end; the exit status is 1 only when every video failed.
+Each video gives `<output_dir>/<sub-folders>/<stem>.npy`: (clips, D) floats, (clips, tokens, D) with
+--keep_seq, or (D,) with --reduction mean|max. The clip schedule is marlin_pytorch's extract_video (see
+marlin_jax.video). Batches are split over this host's devices. With --distributed (or --coordinator_address
+...) on several hosts, each host takes every N-th video of the sorted list, so each is done once. Videos that
+cannot be read, or have no face with --crop_face, are skipped and listed at the end; the exit status is 1 only
+when every video (of this host) failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from tqdm.contrib.logging import logging_redirect_tqdm
+from absl import flags
 
-from marlin_jax.marlin import Marlin
-from marlin_jax.video_features import (
-    REDUCTIONS,
-    VIDEO_SUFFIXES,
-    ExtractionOptions,
-    extract_to_directory,
-)
+from marlin_jax import launch
+from marlin_jax.extraction import REDUCTIONS
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m marlin_jax.extract", description=__doc__.split("\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help=f"video files, or folders searched recursively for {' '.join(VIDEO_SUFFIXES)}")
-    parser.add_argument("--model", required=True,
-                        help="official name (marlin_vit_base_ytf, ...) or config file (configs/pretrain/x.py[:variant])")
-    parser.add_argument("--weights", required=True,
-                        help="official .pt / .ckpt, VideoMAE .pth, or a marlin_jax orbax checkpoint folder")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--crop-face", action="store_true",
-                        help="crop the face of every frame first; without it, frames that are not img_size "
-                             "squares are resized (not cropped) to one")
-    parser.add_argument("--keep-seq", action="store_true", help="keep per-token features instead of their mean")
-    parser.add_argument("--sample-rate", type=int, default=2, help="use every n-th frame (default 2)")
-    parser.add_argument("--stride", type=int, default=16, help="clip stride in sampled frames (default 16)")
-    parser.add_argument("--reduction", choices=REDUCTIONS, default="none", help="reduce over clips (default none)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="clips per model call, gathered across videos (default: 1 on CPU, 8 on GPU/TPU)")
-    return parser.parse_args(argv)
+_MODEL = flags.DEFINE_string("model", None, "Official name (marlin_vit_base_ytf, ...) or config file "
+                                            "(configs/pretrain/x.py[:variant]).")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Official .pt / .ckpt, VideoMAE .pth, or a marlin_jax workdir.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the .npy files go (sub-folders mirror the inputs).")
+_CROP_FACE = flags.DEFINE_bool("crop_face", False, "Crop the face of every frame first; without it, frames that are "
+                                                   "not img_size squares are resized (not cropped) to one.")
+_KEEP_SEQ = flags.DEFINE_bool("keep_seq", False, "Keep per-token features instead of their mean.")
+_SAMPLE_RATE = flags.DEFINE_integer("sample_rate", 2, "Use every n-th frame.")
+_STRIDE = flags.DEFINE_integer("stride", 16, "Clip stride in sampled frames.")
+_REDUCTION = flags.DEFINE_enum("reduction", "none", REDUCTIONS, "Reduce over a video's clips.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Clips per model call, gathered across videos and split "
+                                                       "over this host's devices (default: 1 per CPU, 8 per chip).")
+_TRUST = flags.DEFINE_bool("trust_pickled_checkpoint", False, "Unpickle a .ckpt that holds arbitrary Python "
+                                                              "objects; this runs code from the file.")
+flags.mark_flags_as_required(["model", "weights", "output_dir"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv) -> None:
+    inputs = launch.start(argv, positional=True)
+    if not inputs:
+        raise ValueError("name at least one video file or folder after the flags")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("marlin_jax").setLevel(logging.INFO)
-    try:
-        options = ExtractionOptions(crop_face=args.crop_face, keep_seq=args.keep_seq, sample_rate=args.sample_rate,
-                                    stride=args.stride, reduction=args.reduction, batch_size=args.batch_size)
-        model = Marlin.from_file(args.model, args.weights)
-        with logging_redirect_tqdm():
-            summary = extract_to_directory(model, args.inputs, args.output_dir, options)
-    except ValueError as error:  # bad flags, weights or inputs: our messages say what is wrong
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(summary.written)} feature file(s) to {args.output_dir}; {len(summary.failed)} video(s) failed")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from marlin_jax.extraction import ExtractionOptions, extract_to_directory
+    from marlin_jax.marlin import Marlin
+    options = ExtractionOptions(crop_face=_CROP_FACE.value, keep_seq=_KEEP_SEQ.value, sample_rate=_SAMPLE_RATE.value,
+                                stride=_STRIDE.value, reduction=_REDUCTION.value, batch_size=_BATCH_SIZE.value)
+    model = Marlin.from_file(_MODEL.value, _WEIGHTS.value, trust_pickled_checkpoint=_TRUST.value)
+    with logging_redirect_tqdm():
+        summary = extract_to_directory(model, inputs, _OUTPUT_DIR.value, options)
+    print(f"wrote {len(summary.written)} feature file(s) to {_OUTPUT_DIR.value}; {len(summary.failed)} video(s) "
+          "failed")
     for path, reason in summary.failed:
         print(f"  failed: {path}: {reason}")
-    return 1 if not summary.written else 0
+    if summary.failed and not summary.written:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    launch.run(main)

@@ -5,10 +5,10 @@
         --workdir runs/finetune/celebvhq_appearance
 
 Rerunning the same command resumes from the newest checkpoint in --workdir. Writes `<workdir>/results.json`;
-see `marlin_jax.finetuning.trainer.finetune_and_evaluate`. Multi-host flags as for `marlin_jax.train`.
+see `marlin_jax.downstream.finetune.finetune_and_evaluate`. Multi-host flags as for `marlin_jax.train`.
 """
 
-from absl import app, logging
+from absl import logging
 
 from marlin_jax import launch
 
@@ -19,11 +19,10 @@ _CONFIG, _WORKDIR = launch.define_config_and_workdir(
 
 def main(argv):
     launch.start(argv)
-    from marlin_jax.finetuning.trainer import finetune_and_evaluate
-    results = finetune_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    if results is None:
+    from marlin_jax.downstream.finetune import finetune_and_evaluate
+    if finetune_and_evaluate(_CONFIG.value, _WORKDIR.value) is None:
         logging.warning("stopped by SIGTERM after saving a checkpoint; rerun the same command to continue")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    launch.run(main)

@@ -9,22 +9,23 @@
 from __future__ import annotations
 
 import functools
-import pathlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from marlin_jax.training import checkpoints
 from marlin_jax.architectures import OFFICIAL_ARCHITECTURES, MarlinArchitecture, official_architecture
 from marlin_jax.config_files import load_config
+from marlin_jax.extraction import FeatureExtractor, extract_video_features
 from marlin_jax.interop import torch_files
-from marlin_jax.interop.state_dict import export_state_dict, import_state_dict
+from marlin_jax.interop.state_dict import export_state_dict
+from marlin_jax.interop.weights import load_weights
 from marlin_jax.masking import mask_to_indices
-from marlin_jax.model import MarlinMAE, encode_clips, init_params
-from marlin_jax.video_features import extract_video_features
+from marlin_jax.model import MarlinMAE, init_params
+from marlin_jax.training import checkpoints
 
 
 def resolve_architecture(model: str | MarlinArchitecture) -> MarlinArchitecture:
@@ -57,6 +58,7 @@ class Marlin:
         self.params = generator_params
         self.discriminator_params = discriminator_params
         self.name = name
+        self.step: int | None = None  # the training step, for a model read from a workdir
 
     @property
     def params(self) -> dict[str, Any]:
@@ -67,11 +69,17 @@ class Marlin:
     def params(self, value: dict[str, Any]) -> None:
         self._params = value
         self.__dict__.pop("device_params", None)
+        self.__dict__.pop("feature_extractor", None)
 
     @functools.cached_property
     def device_params(self) -> dict[str, Any]:
         """`params` on the default device, copied once (not on every call: ViT-B's weights are 344 MB)."""
         return jax.device_put(self._params)
+
+    @functools.cached_property
+    def feature_extractor(self) -> FeatureExtractor:
+        """The encoder on every local device, placed once."""
+        return FeatureExtractor(self.architecture, self._params["encoder"])
 
     @property
     def has_decoder(self) -> bool:
@@ -90,30 +98,33 @@ class Marlin:
                    name=model if isinstance(model, str) else None)
 
     @classmethod
-    def from_file(cls, model_name: str | MarlinArchitecture, path: str | pathlib.Path) -> "Marlin":
-        """Loads official `.pt` / Lightning `.ckpt`, VideoMAE `.pth`, or this project's orbax checkpoint dir."""
+    def from_file(cls, model_name: str | MarlinArchitecture, path, *, step: int | None = None,
+                  trust_pickled_checkpoint: bool = False) -> "Marlin":
+        """Loads an official `.pt` / Lightning `.ckpt`, a VideoMAE `.pth`, or a workdir of this project (its
+        latest checkpoint, or `step`; `<workdir>/best` for the best one). See `interop.weights.load_weights`."""
         arch = resolve_architecture(model_name)
-        name = model_name if isinstance(model_name, str) else None
-        path = pathlib.Path(path)
-        if path.is_dir():
-            saved = checkpoints.restore_params(path)
-            if saved.architecture != arch:
-                raise ValueError(f"checkpoint {path} was trained with architecture {saved.architecture}, not the "
-                                 f"requested {arch}")
-            return cls(arch, saved.generator, saved.discriminator, name)
-        state = torch_files.read_torch_checkpoint(path, arch)
-        generator, discriminator = import_state_dict(state, arch)
-        return cls(arch, generator, discriminator, name)
+        weights = load_weights(arch, path, step=step, trust_pickled_checkpoint=trust_pickled_checkpoint)
+        return cls(arch, weights.generator, weights.discriminator, model_name if isinstance(model_name, str) else None)
+
+    @classmethod
+    def from_checkpoint(cls, workdir, step: int | None = None) -> "Marlin":
+        """The model of a training workdir's (latest, or `step`) checkpoint, with the architecture it was saved
+        with; `<workdir>/best` holds the best one."""
+        saved = checkpoints.restore_params(workdir, step)
+        model = cls(saved.architecture, saved.generator, saved.discriminator, saved.model_name)
+        model.step = saved.step
+        return model
 
     def state_dict(self, include_discriminator: bool = False) -> dict[str, np.ndarray]:
         """The official PyTorch state_dict (numpy values)."""
         discriminator = self.discriminator_params if include_discriminator else None
         return export_state_dict(jax.device_get(self.params), self.architecture, discriminator)
 
-    def to_pytorch(self, path: str | pathlib.Path) -> dict[str, pathlib.Path]:
+    def to_pytorch(self, path) -> dict[str, epath.Path]:
         """Writes `<path>.pt` (loads strictly in `marlin_pytorch.Marlin.from_file`), `<path>.yaml`
         (for `marlin_pytorch.config.register_model_from_yaml`) and `<path>.safetensors`."""
-        stem = pathlib.Path(path).with_suffix("")
+        stem = epath.Path(path)
+        stem = stem.with_suffix("") if stem.suffix in (".pt", ".yaml", ".safetensors") else stem
         stem.parent.mkdir(parents=True, exist_ok=True)
         files = {kind: stem.with_suffix(f".{kind}") for kind in ("pt", "yaml", "safetensors")}
         state = self.state_dict()
@@ -129,12 +140,11 @@ class Marlin:
 
     def extract_features(self, x, keep_seq: bool = True) -> np.ndarray:
         """x (B, 3, T, H, W) in [0, 1] -> (B, N, D) features, or (B, D) with keep_seq False."""
-        clip = _as_channels_last(x)
-        return np.asarray(encode_clips(self.device_params["encoder"], clip, self.architecture, bool(keep_seq)))
+        return self.feature_extractor.features(np.asarray(_as_channels_last(x)), bool(keep_seq))
 
     def extract_video(self, video_path, crop_face: bool = False, sample_rate: int = 2, stride: int = 16,
                       reduction: str = "none", keep_seq: bool = False) -> np.ndarray:
-        """marlin_pytorch's extract_video: (clips, D) features of a video file; see marlin_jax.video_features."""
+        """marlin_pytorch's extract_video: (clips, D) features of a video file; see marlin_jax.extraction."""
         return extract_video_features(self, video_path, crop_face=crop_face, keep_seq=keep_seq,
                                       sample_rate=sample_rate, stride=stride, reduction=reduction)
 

@@ -5,10 +5,8 @@
 
 Rerunning the same command resumes from the newest checkpoint in --workdir. On multi-host TPU VMs pass
 --distributed (JAX then finds its peers itself); elsewhere name the coordinator with --coordinator_address,
---num_processes and --process_id.
+--num_processes and --process_id. See `marlin_jax.pretraining.trainer.train_and_evaluate`.
 """
-
-from absl import app
 
 from marlin_jax import launch
 
@@ -20,11 +18,11 @@ _CONFIG, _WORKDIR = launch.define_config_and_workdir(
 def main(argv):
     launch.start(argv)
     import jax
-    from marlin_jax.training.loop import train_and_evaluate
+    from marlin_jax.pretraining.trainer import train_and_evaluate
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
         print("final metrics:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    launch.run(main)

@@ -11,8 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from marlin_jax import Marlin
-from marlin_jax.training import checkpoints
 from marlin_jax.architectures import VIT_TINY
+from marlin_jax.training import checkpoints
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 torch = pytest.importorskip("torch")
@@ -66,6 +66,8 @@ def test_export_cli_writes_files_marlin_pytorch_loads(trained_workdir, marlin_py
 
 
 def test_export_of_an_empty_workdir_says_so(tmp_path):
-    from marlin_jax.export_checkpoint import export_checkpoint
     with pytest.raises(ValueError, match="holds no orbax checkpoint"):
-        export_checkpoint(tmp_path, tmp_path / "out")
+        Marlin.from_checkpoint(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "marlin_jax.export", f"--workdir={tmp_path}",
+                             f"--output={tmp_path / 'out'}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "holds no orbax checkpoint" in result.stderr

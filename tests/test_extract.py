@@ -16,18 +16,15 @@ import pytest
 
 from marlin_jax import Marlin
 from marlin_jax.architectures import VIT_TINY, MarlinArchitecture
-from marlin_jax.extract import main as extract_main
-from marlin_jax.video_features import (
+from marlin_jax.extraction import (
     ExtractionOptions,
-    VideoDecodeError,
     extract_to_directory,
     extract_video_features,
     extract_videos,
     find_videos,
     model_windows,
-    schedule_windows,
-    video_windows,
 )
+from marlin_jax.video import VideoDecodeError, extraction_windows, video_windows
 
 torch = pytest.importorskip("torch")
 from torch_reference import build_torch_marlin  # noqa: E402  (needs torch)
@@ -110,7 +107,7 @@ def test_schedule_on_frame_indices(frames, sample_rate, stride):
     else:
         expected = [list(range(start, start + span, sample_rate))
                     for start in range(0, frames - span, stride * sample_rate)]
-    windows = schedule_windows(range(frames), np.asarray, 16, sample_rate, stride)
+    windows = extraction_windows(range(frames), np.asarray, 16, sample_rate, stride)
     assert [w.tolist() for w in windows] == expected
 
 
@@ -121,7 +118,7 @@ def test_schedule_converts_only_frames_it_uses():
         converted.append(index)
         return np.asarray(index)
 
-    list(schedule_windows(range(100), to_array, 16, 2, 16))
+    list(extraction_windows(range(100), to_array, 16, 2, 16))
     assert converted == list(range(16)) + list(range(16, 100, 2))
 
 
@@ -214,7 +211,7 @@ def test_bad_videos_are_reported_and_skipped(tmp_path):
     (tmp_path / "in" / "empty.avi").write_bytes(b"")
     summary = extract_to_directory(model, [tmp_path / "in"], tmp_path / "out", ExtractionOptions(batch_size=2),
                                    progress=False)
-    assert summary.written == [tmp_path / "out" / "good.npy"]
+    assert [str(path) for path in summary.written] == [str(tmp_path / "out" / "good.npy")]
     assert sorted(p.name for p, _ in summary.failed) == ["corrupt.mp4", "empty.avi"]
     np.testing.assert_allclose(np.load(summary.written[0]), extract_video_features(model, good), atol=1e-5)
     with pytest.raises(VideoDecodeError, match="corrupt.mp4"):
@@ -257,7 +254,7 @@ def test_cli_end_to_end(tmp_path):
     (videos / "sub" / "broken.mp4").write_bytes(b"not a video")
     out = tmp_path / "features"
     command = [sys.executable, "-m", "marlin_jax.extract", "--model", str(config), "--weights", str(weights),
-               "--output-dir", str(out), "--batch-size", "4", str(videos)]
+               "--output_dir", str(out), "--batch_size", "4", str(videos)]
     done = subprocess.run(command, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["a.npy", "sub/b.npy"]
@@ -265,7 +262,8 @@ def test_cli_end_to_end(tmp_path):
     np.testing.assert_allclose(np.load(out / "a.npy"), extract_video_features(model, videos / "a.mp4"), atol=1e-5)
     assert "broken.mp4" in done.stdout and "1 video(s) failed" in done.stdout
 
-    only_bad = ["--model", str(config), "--weights", str(weights), "--output-dir", str(out),
-                str(videos / "sub" / "broken.mp4")]
-    assert extract_main(only_bad) == 1
-    assert extract_main(only_bad[:-1] + [str(tmp_path / "missing.mp4")]) == 2
+    only_bad = command[:-1] + [str(videos / "sub" / "broken.mp4")]
+    assert subprocess.run(only_bad, cwd=REPO_ROOT, capture_output=True, timeout=300).returncode == 1
+    missing = subprocess.run(command[:-1] + [str(tmp_path / "missing.mp4")], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode == 2 and "missing.mp4 is neither a video file nor a folder" in missing.stderr

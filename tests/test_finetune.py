@@ -26,13 +26,12 @@ import pytest
 from marlin_jax.training import checkpoints
 from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.config_files import load_config
-from marlin_jax.finetuning import trainer
-from marlin_jax.finetuning.clips import ClipSettings, clip_frame_indices, read_clip
-from marlin_jax.finetuning.loader import Parallelism, eval_batches, make_train_loader
-from marlin_jax.finetuning.video_data import load_celebvhq_videos, load_video_csv
+from marlin_jax.downstream import tasks
+from marlin_jax.downstream.clip_loader import Parallelism, eval_batches, make_train_loader
+from marlin_jax.downstream.finetune import build_finetuning, finetune_and_evaluate
 from marlin_jax.marlin import Marlin
 from marlin_jax.model import sincos_table
-from marlin_jax.video_features import VideoDecodeError
+from marlin_jax.video import ClipSettings, VideoDecodeError, finetuning_clip, read_finetuning_clip
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSV_CONFIG = str(REPO_ROOT / "configs/finetune/csv.py") + ":binary,tiny"
@@ -87,7 +86,7 @@ def tiny_config(csv_path, **overrides):
 @pytest.fixture(scope="module")
 def straight_run(colour_csv, tmp_path_factory) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("straight")
-    trainer.finetune_and_evaluate(tiny_config(colour_csv), workdir)
+    finetune_and_evaluate(tiny_config(colour_csv), workdir)
     return workdir
 
 
@@ -96,7 +95,7 @@ def read_records(workdir: pathlib.Path) -> list[dict]:
 
 
 def val_by_step(workdir: pathlib.Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_records(workdir) if "val_acc" in r}
+    return {r["step"]: r for r in read_records(workdir) if "val/acc" in r}
 
 
 def test_learns_the_planted_colour(straight_run):
@@ -142,12 +141,12 @@ def _send_sigterm_after_first_step(workdir: pathlib.Path) -> threading.Thread:
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(colour_csv, straight_run, tmp_path):
     config = tiny_config(colour_csv, log_every=1)
     watcher = _send_sigterm_after_first_step(tmp_path)
-    assert trainer.finetune_and_evaluate(config, tmp_path) is None
+    assert finetune_and_evaluate(config, tmp_path) is None
     watcher.join()
     stopped_at = checkpoints.restore_params(tmp_path).step
     assert 1 <= stopped_at < 24
 
-    resumed = trainer.finetune_and_evaluate(config, tmp_path)
+    resumed = finetune_and_evaluate(config, tmp_path)
     reference = json.loads((straight_run / "results.json").read_text())
     for key in ("acc", "auc", "f1", "selected_step", "val", "steps_run"):
         assert resumed[key] == reference[key], key
@@ -162,12 +161,13 @@ def test_init_from_official_pt_loads_the_encoder(colour_csv, straight_run, tmp_p
     arch = MarlinArchitecture.from_dict(config.model.to_dict())
     official = Marlin.from_file(arch, straight_run / "best").to_pytorch(tmp_path / "official")["pt"]
     config.init_from = str(official)
-    run = trainer.setup(config, tmp_path / "work")
+    run = build_finetuning(config, tmp_path / "work")
     expected = Marlin.from_file(arch, official).params["encoder"]
-    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(run.state.params["encoder"]), expected)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(run.trainer.state.params["encoder"]),
+                           expected)
     selected = checkpoints.restore_params(straight_run / "best").generator["encoder"]
     jax.tree_util.tree_map(np.testing.assert_allclose, expected, selected)
-    run.manager.close()
+    run.trainer.loader.close()
 
 
 def test_sharded_cli_run_matches_one_device(colour_csv, tmp_path):
@@ -182,10 +182,10 @@ def test_sharded_cli_run_matches_one_device(colour_csv, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     one_device = load_config(config_arg)
     one_device.data.csv, one_device.total_steps, one_device.eval_every = str(colour_csv), 4, 4
-    trainer.finetune_and_evaluate(one_device, tmp_path / "one")
+    finetune_and_evaluate(one_device, tmp_path / "one")
     sharded, single = read_records(tmp_path / "mesh"), read_records(tmp_path / "one")
     assert json.loads((tmp_path / "mesh/results.json").read_text())["num_outputs"] == 2
-    for key in ("loss", "grad_norm", "param_norm", "val_auc"):
+    for key in ("loss", "grad_norm", "param_norm", "val/auc"):
         expected = [r[key] for r in single if key in r]
         assert expected, key
         np.testing.assert_allclose([r[key] for r in sharded if key in r], expected, rtol=2e-5, err_msg=key)
@@ -198,14 +198,14 @@ def test_celebvhq_layout_trains_multilabel_and_stops_on_the_learning_rate(tmp_pa
     (tmp_path / "celebvhq_info.json").write_text(json.dumps({"clips": clips}))
     for clip_id in clips:
         write_video(tmp_path / "cropped" / f"{clip_id}.mp4", tinted_video(0, rng))
-    dataset = load_celebvhq_videos(tmp_path, "cropped", "action")
+    dataset = tasks.read_celebvhq_task(tmp_path, "cropped", ".mp4", "action")
     assert {name: len(split) for name, split in dataset.splits.items()} == {"train": 8, "val": 1, "test": 1}
     assert dataset.num_outputs == 35 and dataset.splits["train"].labels.shape == (8, 35)
 
     config = load_config(str(REPO_ROOT / "configs/finetune/celebvhq_appearance.py") + ":tiny")
     config.data.root, config.batch_size, config.eval_batch_size = str(tmp_path), 4, 4
     config.optimizer.stop_learning_rate = 1.0  # above the rate: stops at the end of the first epoch (2 steps)
-    results = trainer.finetune_and_evaluate(config, tmp_path / "work")
+    results = finetune_and_evaluate(config, tmp_path / "work")
     assert results["stopped_by"] == "learning_rate" and results["steps_run"] == 2
     assert results["num_outputs"] == 40 and results["task"] == "multilabel"
     assert {"acc", "auc", "auc_per_label_mean", "num_labels_scored"} <= set(results)
@@ -213,12 +213,12 @@ def test_celebvhq_layout_trains_multilabel_and_stops_on_the_learning_rate(tmp_pa
 
 def test_clip_sampling_follows_the_official_rule():
     settings, rng = ClipSettings(clip_frames=16, sample_rate=2, size=64), np.random.default_rng(0)
-    assert clip_frame_indices(10, settings, rng).tolist() == list(range(10)) + [9] * 6
-    short = clip_frame_indices(20, settings, rng)  # too short for stride 2: stride 20 // 16 = 1
+    assert finetuning_clip(10, settings, rng).tolist() == list(range(10)) + [9] * 6
+    short = finetuning_clip(20, settings, rng)  # too short for stride 2: stride 20 // 16 = 1
     assert np.all(np.diff(short) == 1) and 0 <= short[0] <= 4
     starts = set()
     for _ in range(200):
-        long = clip_frame_indices(100, settings, rng)
+        long = finetuning_clip(100, settings, rng)
         assert np.all(np.diff(long) == 2) and long[-1] <= 99
         starts.add(int(long[0]))
     assert min(starts) == 0 and max(starts) == 100 - 32
@@ -227,7 +227,7 @@ def test_clip_sampling_follows_the_official_rule():
 def test_real_face_crops_give_full_clips(samples_dir):
     """The official crops include a 15-frame video (padded) and a 27-frame one (stride 1)."""
     settings, rng = ClipSettings(16, 2, 224), np.random.default_rng(0)
-    clips = {path.name: read_clip(path, settings, rng) for path in sorted(samples_dir.glob("cropped*.mp4"))}
+    clips = {path.name: read_finetuning_clip(path, settings, rng) for path in sorted(samples_dir.glob("cropped*.mp4"))}
     assert len(clips) == 5 and all(clip.shape == (16, 224, 224, 3) for clip in clips.values())
     padded = clips["cropped04.mp4"]
     np.testing.assert_array_equal(padded[14], padded[15])
@@ -235,9 +235,9 @@ def test_real_face_crops_give_full_clips(samples_dir):
 
 
 def test_clips_are_resized_and_eval_clips_fixed(colour_csv):
-    split = load_video_csv(colour_csv, "binary").splits["val"]
+    split = tasks.read_csv_task(colour_csv, "binary").splits["val"]
     settings = ClipSettings(16, 2, 32)
-    assert read_clip(split.paths[0], settings, np.random.default_rng(0)).shape == (16, 32, 32, 3)
+    assert read_finetuning_clip(split.paths[0], settings, np.random.default_rng(0)).shape == (16, 32, 32, 3)
     first, again = (list(eval_batches(split, 8, 0, settings, Parallelism(1, 1))) for _ in range(2))
     assert [b.shape[0] for b in first] == [8, 8]
     assert not first[1][len(split) - 8:].any()  # padding rows are blank
@@ -245,7 +245,7 @@ def test_clips_are_resized_and_eval_clips_fixed(colour_csv):
 
 
 def test_worker_processes_give_the_same_batches_and_resume(colour_csv):
-    split, settings = load_video_csv(colour_csv, "binary").splits["train"], ClipSettings(16, 2, 32)
+    split, settings = tasks.read_csv_task(colour_csv, "binary").splits["train"], ClipSettings(16, 2, 32)
     in_process = make_train_loader(split, 8, 0, settings, Parallelism(1, 1))
     expected = [next(in_process) for _ in range(6)]
     in_process.close()
@@ -275,19 +275,19 @@ def test_bad_input_is_named(colour_csv, tmp_path):
     rows = [[str(video), split, 0] for split in ("train", "val", "test")]
     missing = _write_rows(tmp_path / "missing.csv", ["path", "split", "label"], rows + [["gone.mp4", "test", 1]])
     with pytest.raises(ValueError, match="do not exist.*gone.mp4"):
-        load_video_csv(missing, "binary")
+        tasks.check_files_exist(tasks.read_csv_task(missing, "binary"), str(missing))
     gapped = _write_rows(tmp_path / "gapped.csv", ["path", "split", "label_0", "label_2"],
                          [[str(video), split, 0, 1] for split in ("train", "val", "test")])
     with pytest.raises(ValueError, match="label_0..label_K-1"):
-        load_video_csv(gapped, "multilabel")
+        tasks.read_csv_task(gapped, "multilabel")
     with pytest.raises(ValueError, match="config.task must be one of"):
-        trainer.finetune_and_evaluate(tiny_config(colour_csv, task="regression"), tmp_path / "work")
+        finetune_and_evaluate(tiny_config(colour_csv, task="regression"), tmp_path / "work")
     with pytest.raises(ValueError, match="unknown config arg 'regression'"):
         load_config(str(REPO_ROOT / "configs/finetune/csv.py") + ":regression")
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video")
     with pytest.raises(VideoDecodeError, match="broken.mp4"):
-        read_clip(broken, ClipSettings(), np.random.default_rng(0))
+        read_finetuning_clip(broken, ClipSettings(), np.random.default_rng(0))
 
 
 def test_workdir_of_another_task_refuses_to_resume(colour_csv, straight_run):
@@ -296,5 +296,5 @@ def test_workdir_of_another_task_refuses_to_resume(colour_csv, straight_run):
                                       [[str(colour_csv.parent / "videos/train_00.mp4"), s, 0, 1]
                                        for s in ("train", "val", "test")]))
     config.batch_size = config.eval_batch_size = 1
-    with pytest.raises(ValueError, match="fine-tuning checkpoint with task='binary'"):
-        trainer.setup(config, straight_run)
+    with pytest.raises(ValueError, match="finetune checkpoint with task='binary'"):
+        finetune_and_evaluate(config, straight_run)

@@ -18,7 +18,7 @@ import pytest
 from data_prep.demo import make_demo_dataset
 from marlin_jax.training import checkpoints
 from marlin_jax.config_files import load_config
-from marlin_jax.training.loop import train_and_evaluate
+from marlin_jax.pretraining.trainer import build_trainer, train_and_evaluate
 from marlin_jax.training.run_control import NonFiniteLossError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -67,21 +67,27 @@ def run_train(workdir, data_path, *overrides: str, env=None, timeout=600) -> sub
 
 
 def test_tiny_pretraining_writes_everything(demo_shards, tmp_path):
-    config = tiny_config(demo_shards, total_steps=4, log_every=2, checkpoint_every=2, image_every=4)
+    config = tiny_config(demo_shards, total_steps=4, log_every=2, checkpoint_every=2, **{"evals.val.every": 2})
     final = train_and_evaluate(config, tmp_path)
     assert np.isfinite(final["rec_loss"])
     records = read_metrics(tmp_path)
     assert sorted(records) == [2, 4]
-    for key in ("step", "rec_loss", "adv_loss", "d_loss", "lr", "clips_per_s", "g_grad_norm", "data_wait_s"):
+    for key in ("step", "rec_loss", "adv_loss", "d_loss", "lr", "clips_per_s", "g_grad_norm", "data_wait_s",
+                "val/rec_loss", "val/d_loss", "val/g_loss", "val/loss", "val/rec_loss_baseline"):
         assert key in records[4], key
+    assert records[4]["val/loss"] == pytest.approx(records[4]["val/d_loss"] + records[4]["val/g_loss"])
     assert checkpoints.restore_params(tmp_path).step == 4
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "reconstructions" / "step_00000004.png").is_file()
+    best_step = min((2, 4), key=lambda step: records[step]["val/loss"])
+    assert checkpoints.restore_params(tmp_path / "best").step == best_step
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    assert saved_config["config"]["batch_size"] == 4 and saved_config["resolved"]["total_steps"] == 4
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(demo_shards, tmp_path):
     overrides = ("--config.total_steps=7", "--config.log_every=1", "--config.checkpoint_every=2",
-                 "--config.image_every=0")
+                 "--config.evals.val.every=2")
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     run_train(reference_dir, demo_shards, *overrides)
 
@@ -104,12 +110,17 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(demo_shards, tmp_path)
     for step in reference:
         for key in LOSSES:
             assert resumed[step][key] == reference[step][key], (step, key)
+    val_steps = [step for step in reference if "val/loss" in reference[step]]
+    assert val_steps == [2, 4, 6, 7]
+    for step in val_steps:
+        for key in ("val/rec_loss", "val/d_loss", "val/loss", "val/rec_loss_baseline"):
+            assert resumed[step][key] == reference[step][key], (step, key)
 
 
 def test_sigterm_saves_and_stops(demo_shards, tmp_path):
     process = subprocess.Popen(
         train_command(tmp_path, demo_shards, "--config.total_steps=1000", "--config.log_every=1",
-                      "--config.checkpoint_every=1000", "--config.image_every=0"),
+                      "--config.checkpoint_every=1000"),
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not ((tmp_path / "metrics.jsonl").is_file() and read_metrics(tmp_path)):
@@ -129,7 +140,7 @@ def _losses(workdir) -> np.ndarray:
 
 def test_data_parallel_and_fsdp_on_8_devices_match_one_device(demo_shards, tmp_path):
     common = ("--config.total_steps=2", "--config.log_every=1", "--config.checkpoint_every=2",
-              "--config.image_every=0", "--config.batch_size=8")
+              "--config.batch_size=8")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     run_train(tmp_path / "one", demo_shards, *common)
     run_train(tmp_path / "data", demo_shards, *common, "--config.mesh.shape=(8,1,1)", env=env)
@@ -150,7 +161,7 @@ def test_two_processes_train_and_checkpoint(demo_shards, tmp_path):
     env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_CPU_DEVICES="2")
     processes = [subprocess.Popen(
         train_command(tmp_path, demo_shards, "--config.total_steps=2", "--config.log_every=1",
-                      "--config.checkpoint_every=2", "--config.image_every=0",
+                      "--config.checkpoint_every=2",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
         cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     errors = [p.communicate(timeout=600)[1] for p in processes]
@@ -164,22 +175,20 @@ def test_init_from_official_weights(demo_shards, tmp_path):
     import jax
     from marlin_jax import Marlin
     from marlin_jax.architectures import MarlinArchitecture
-    from marlin_jax.training.loop import setup
-    config = tiny_config(demo_shards, image_every=0)
+    config = tiny_config(demo_shards)
     arch = MarlinArchitecture.from_dict(config.model.to_dict())
     official = Marlin.random_init(arch, seed=11, full=False)
     files = official.to_pytorch(tmp_path / "official_encoder")
     config.init_from = str(files["pt"])
-    run = setup(config, tmp_path / "work")
+    trainer = build_trainer(config, tmp_path / "work")
     try:
-        loaded = jax.device_get(run.state.generator["encoder"])
+        loaded = jax.device_get(trainer.state.generator["encoder"])
         expected = official.params["encoder"]
         for ours, theirs in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(expected)):
             np.testing.assert_array_equal(ours, theirs)
-        assert "decoder" in run.state.generator  # an encoder-only file keeps the fresh decoder
+        assert "decoder" in trainer.state.generator  # an encoder-only file keeps the fresh decoder
     finally:
-        run.manager.close()
-        run.loader.close()
+        trainer.loader.close()
 
 
 def test_missing_data_is_reported_before_compiling(tmp_path):
@@ -190,16 +199,16 @@ def test_missing_data_is_reported_before_compiling(tmp_path):
 
 
 def test_workdir_of_another_model_size_refuses_to_resume(demo_shards, tmp_path):
-    train_and_evaluate(tiny_config(demo_shards, total_steps=1, checkpoint_every=1, image_every=0), tmp_path)
-    deeper = tiny_config(demo_shards, total_steps=2, image_every=0)
+    train_and_evaluate(tiny_config(demo_shards, total_steps=1, checkpoint_every=1), tmp_path)
+    deeper = tiny_config(demo_shards, total_steps=2)
     deeper.model.encoder_depth = 3
-    with pytest.raises(ValueError, match="checkpoint of another model"):
+    with pytest.raises(ValueError, match="holds a pretrain checkpoint with architecture="):
         train_and_evaluate(deeper, tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_shards, tmp_path):
-    train_and_evaluate(tiny_config(demo_shards, total_steps=1, checkpoint_every=1, image_every=0), tmp_path)
-    diverging = tiny_config(demo_shards, total_steps=4, log_every=1, checkpoint_every=1, image_every=0)
+    train_and_evaluate(tiny_config(demo_shards, total_steps=1, checkpoint_every=1), tmp_path)
+    diverging = tiny_config(demo_shards, total_steps=4, log_every=1, checkpoint_every=1)
     diverging.learning_rate.base = 1e32  # resumes at step 1, then overflows
     with pytest.raises(NonFiniteLossError, match="non-finite values at step 2"):
         train_and_evaluate(diverging, tmp_path)

@@ -4,21 +4,21 @@
         --config.data.root=/data/CelebV-HQ --config.init_from=marlin_vit_base_ytf.encoder.pt \
         --workdir runs/finetune/celebvhq_appearance
 
-Expects <root>/celebvhq_info.json and <root>/cropped/<clip id>.mp4 (see marlin_jax/finetuning/video_data.py).
+Expects <root>/celebvhq_info.json and <root>/cropped/<clip id>.mp4 (see marlin_jax/downstream/tasks.py).
 The arg picks the backbone (default marlin_vit_base_ytf), e.g. celebvhq_appearance.py:marlin_vit_small_ytf,
 or `tiny` for a CPU smoke run. bfloat16 on TPUs: --config.compute_dtype=bfloat16.
 """
 
 import ml_collections
 
-from marlin_jax.finetuning.config import apply_arg, base_finetune_config
+from marlin_jax.configs import apply_finetune_arg, finetune_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = base_finetune_config()
+    config = finetune_config()
     config.task = "multilabel"
     config.data.format = "celebvhq"
     config.data.attribute = "appearance"
-    apply_arg(config, arg, accepts_task=False)
+    apply_finetune_arg(config, arg, accepts_task=False)
     config.lock()
     return config

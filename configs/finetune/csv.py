@@ -11,13 +11,13 @@ of a task (binary, the default, multiclass or multilabel), a backbone (marlin_vi
 
 import ml_collections
 
-from marlin_jax.finetuning.config import apply_arg, base_finetune_config
+from marlin_jax.configs import apply_finetune_arg, finetune_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = base_finetune_config()
+    config = finetune_config()
     config.task = "binary"
     config.data.format = "csv"
-    apply_arg(config, arg, accepts_task=True)
+    apply_finetune_arg(config, arg, accepts_task=True)
     config.lock()
     return config

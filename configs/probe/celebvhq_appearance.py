@@ -1,21 +1,21 @@
-"""Linear probe: CelebV-HQ appearance attributes (40 labels, multilabel), official LP hyper-parameters.
+"""Linear probe: CelebV-HQ appearance attributes (40 labels, multilabel), convex probe by default.
 
     python -m marlin_jax.linear_probe --config configs/probe/celebvhq_appearance.py \
         --config.data.root=/data/CelebV-HQ --workdir runs/probe/celebvhq_appearance
 
 Expects <root>/celebvhq_info.json and <root>/<feature_dir>/<clip id>.npy (see
-marlin_jax/evaluation/celebvhq_data.py). The arg names the features folder, default marlin_vit_base_ytf
+marlin_jax/downstream/tasks.py). The arg names the features folder, default marlin_vit_base_ytf
 (the official extractor names it after the backbone): configs/probe/celebvhq_appearance.py:marlin_vit_small_ytf.
 Low-data regime: --config.data_ratio=0.1 --config.seeds=0,1,2.
 """
 
 import ml_collections
 
-from marlin_jax.evaluation.probe_config import base_probe_config
+from marlin_jax.configs import probe_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = base_probe_config()
+    config = probe_config()
     config.task = "multilabel"
     config.data.format = "celebvhq"
     config.data.attribute = "appearance"

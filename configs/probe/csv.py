@@ -4,16 +4,17 @@
         --config.data.csv=/data/mine/probe.csv --config.task=multiclass --workdir runs/probe/mine
 
 `task` is binary, multiclass or multilabel (the arg sets it too: configs/probe/csv.py:multilabel). Paths in
-the CSV are relative to its folder. The optimisation is the official CelebV-HQ LP recipe.
+the CSV are relative to its folder. The probe is the convex solver
+(ridge, L2 chosen on val); --config.solver=official runs the official CelebV-HQ LP recipe.
 """
 
 import ml_collections
 
-from marlin_jax.evaluation.probe_config import base_probe_config
+from marlin_jax.configs import probe_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = base_probe_config()
+    config = probe_config()
     config.task = arg or "binary"
     config.data.format = "csv"
     config.lock()

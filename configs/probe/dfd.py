@@ -4,17 +4,18 @@
         --config.data.csv=/data/ffpp/probe.csv --workdir runs/probe/dfd
 
 The CSV has `path,split,label`. Reports accuracy (sigmoid at 0.5), AUROC and F1; the epoch is picked on
-validation AUROC. The official code ships no DFD probe, so the optimisation is its CelebV-HQ LP recipe.
+validation AUROC. --config.solver=official runs the official CelebV-HQ LP optimisation (the official code
+ships no DFD probe).
 """
 
 import ml_collections
 
-from marlin_jax.evaluation.probe_config import base_probe_config
+from marlin_jax.configs import probe_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    config = base_probe_config()
+    config = probe_config()
     config.task = "binary"
     config.data.format = "csv"
     config.lock()

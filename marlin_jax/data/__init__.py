@@ -4,6 +4,5 @@
 * `schema`          the `tf.train.Example` of one stored clip: `ClipRecord`, `serialize_clip`, `parse_clip`.
 * `codecs`          JPEG frames and PNG region maps.
 * `shards`          the shard directory and its `manifest.json`.
-* `sampling`        MARLIN's temporal sampling of a training clip.
 * `pipeline`        `make_pretrain_loader`, the grain pretraining pipeline.
 """

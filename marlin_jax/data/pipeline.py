@@ -2,7 +2,7 @@
 
 Per host: its share of the split's shard files (`files[process_index::process_count]`) is shuffled anew each
 epoch and read `cycle_length` files at a time (interleaved); each record yields one clip sampled as in
-`marlin_jax.data.sampling`, still encoded, which a window of `shuffle_window` clips shuffles; the clip is then
+`marlin_jax.video.pretraining_clip`, still encoded, which a window of `shuffle_window` clips shuffles; the clip is then
 decoded, its region maps become occupancy, and clips are batched. With `worker_count > 0` all of this runs in
 that many worker processes (each on its slice of the file stream) that prefetch whole batches.
 

@@ -1,4 +1,5 @@
-"""Batches of clips for fine-tuning (grain), each host loading its share of every global batch.
+"""Batches of labelled face-video clips (grain), each host loading its share of every global batch: fine-tuning's
+training and evaluation, and the in-training linear probe.
 
 Training: the train split is reshuffled each epoch (grain's `shuffle` then `repeat`), cut into global batches
 of `batch_size` videos with each epoch's last partial batch dropped (as the official DataLoader's
@@ -25,8 +26,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from marlin_jax.finetuning.clips import ClipSettings, read_clip
-from marlin_jax.finetuning.video_data import VideoSplit
+from marlin_jax.downstream.tasks import LabelledSplit
+from marlin_jax.video import ClipSettings, read_finetuning_clip
 
 PADDING = -1
 
@@ -41,13 +42,13 @@ def host_rows(global_batch_size: int) -> slice:
 class LoadTrainBatch:
     """Global batch of video indices -> this host's {"video": uint8 clips, "label": labels}."""
 
-    split: VideoSplit
+    split: LabelledSplit
     settings: ClipSettings
 
     def __call__(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         clip_seeds = rng.integers(2**63, size=len(indices))  # drawn for the whole batch: hosts agree
         rows = host_rows(len(indices))
-        videos = [read_clip(self.split.paths[i], self.settings, np.random.default_rng(s))
+        videos = [read_finetuning_clip(self.split.paths[i], self.settings, np.random.default_rng(s))
                   for i, s in zip(indices[rows], clip_seeds[rows])]
         return {"video": np.stack(videos), "label": self.split.labels[indices[rows]]}
 
@@ -56,14 +57,14 @@ class LoadTrainBatch:
 class LoadEvalBatch:
     """Global batch of video indices (PADDING for none) -> this host's uint8 clips."""
 
-    split: VideoSplit
+    split: LabelledSplit
     settings: ClipSettings
     seed: int
 
     def __call__(self, indices: np.ndarray) -> np.ndarray:
         blank = np.zeros((self.settings.clip_frames, self.settings.size, self.settings.size, 3), np.uint8)
         return np.stack([blank if i == PADDING else
-                         read_clip(self.split.paths[i], self.settings, np.random.default_rng([self.seed, i]))
+                         read_finetuning_clip(self.split.paths[i], self.settings, np.random.default_rng([self.seed, i]))
                          for i in indices[host_rows(len(indices))]])
 
 
@@ -89,7 +90,7 @@ def _iterate(batches: grain.MapDataset, parallelism: Parallelism) -> grain.Datas
     return iter(dataset)
 
 
-def make_train_loader(split: VideoSplit, global_batch_size: int, seed: int, settings: ClipSettings,
+def make_train_loader(split: LabelledSplit, global_batch_size: int, seed: int, settings: ClipSettings,
                       parallelism: Parallelism = Parallelism()) -> grain.DatasetIterator:
     """An endless iterator of this host's training batches."""
     if len(split) < global_batch_size:
@@ -100,7 +101,7 @@ def make_train_loader(split: VideoSplit, global_batch_size: int, seed: int, sett
     return _iterate(batches, parallelism)
 
 
-def eval_batches(split: VideoSplit, global_batch_size: int, seed: int, settings: ClipSettings,
+def eval_batches(split: LabelledSplit, global_batch_size: int, seed: int, settings: ClipSettings,
                  parallelism: Parallelism = Parallelism()) -> grain.DatasetIterator:
     """This host's clips of every video of `split`, ceil(N / global_batch_size) batches."""
     count = -(-len(split) // global_batch_size) * global_batch_size

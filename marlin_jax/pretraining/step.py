@@ -38,6 +38,9 @@ class StepSettings:
     decoder_mask_ratio: float | None = None
     adv_loss: bool = True
     adv_weight: float = 0.01
+    # Steps trained on the reconstruction loss alone: the critic is not updated and the generator's adversarial
+    # term is zero until the step counter reaches this (0: adversarial from the start, as official).
+    adv_warmup_steps: int = 0
     gp_weight: float = 0.0
     d_steps: int = 1
     g_steps: int = 1
@@ -63,7 +66,8 @@ class StepSettings:
                 raise ValueError(f"{field} must be >= 1, got {config[field]}")
         return cls(arch=arch, mask_strategy=config.mask_strategy,
                    visible_ratio=round(1 - config.mask_percentage_target, 9), decoder_mask_ratio=ratio,
-                   adv_loss=config.adv_loss, adv_weight=config.adv_weight, gp_weight=config.gp_weight,
+                   adv_loss=config.adv_loss, adv_weight=config.adv_weight,
+                   adv_warmup_steps=config.get("adv_warmup_steps", 0), gp_weight=config.gp_weight,
                    d_steps=config.d_steps, g_steps=config.g_steps, grad_accum_steps=config.grad_accum_steps,
                    compute_dtype=dtypes[config.compute_dtype], remat=config.remat)
 
@@ -134,28 +138,33 @@ def make_train_step(settings: StepSettings, generator_tx: optax.GradientTransfor
             loss = loss + settings.gp_weight * losses.gradient_penalty(score, key, target, pred)
         return loss
 
-    def g_objective(pred, d_params, target):
+    def g_objective(pred, d_params, target, adversarial_on):
         rec = losses.reconstruction_loss(pred, target)
         adv = jnp.zeros(())
         if settings.adv_loss:
             adv = settings.adv_weight * losses.generator_adversarial_loss(critic.apply({"params": d_params}, pred))
+            adv = jnp.where(adversarial_on, adv, 0.0)
         return rec + adv, {"rec_loss": rec, "adv_loss": adv}
 
-    def d_update(d_params, d_opt_state, d_grads):
-        updates, d_opt_state = discriminator_tx.update(d_grads, d_opt_state, d_params)
-        return optax.apply_updates(d_params, updates), d_opt_state
+    def d_update(d_params, d_opt_state, d_grads, adversarial_on):
+        updates, new_opt_state = discriminator_tx.update(d_grads, d_opt_state, d_params)
+        new_params = optax.apply_updates(d_params, updates)
+        if not settings.adv_warmup_steps:
+            return new_params, new_opt_state
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(adversarial_on, n, o), new, old)
+        return keep(new_params, d_params), keep(new_opt_state, d_opt_state)
 
-    def generator_grads(g_params, d_params, clips: MaskedClips):
+    def generator_grads(g_params, d_params, clips: MaskedClips, adversarial_on):
         def of_micro_batch(m):
             (_, parts), grads = jax.value_and_grad(
-                lambda p: g_objective(forward(p, m), d_params, m.target), has_aux=True)(g_params)
+                lambda p: g_objective(forward(p, m), d_params, m.target, adversarial_on), has_aux=True)(g_params)
             return grads, parts
         if settings.grad_accum_steps == 1:
             return of_micro_batch(clips)
         count = settings.grad_accum_steps
         return _mean_over_scan(of_micro_batch, _split_micro_batches(clips, count), count)
 
-    def d_and_g_grads_one_forward(state: TrainState, clips: MaskedClips, gp_key):
+    def d_and_g_grads_one_forward(state: TrainState, clips: MaskedClips, gp_key, adversarial_on):
         pred, pull_back = jax.vjp(lambda p: forward(p, clips), state.generator)
         d_params, d_opt_state = state.discriminator, state.discriminator_opt_state
         d_loss = jnp.zeros(())
@@ -163,11 +172,12 @@ def make_train_step(settings: StepSettings, generator_tx: optax.GradientTransfor
             for _ in range(settings.d_steps):
                 d_loss, d_grads = jax.value_and_grad(d_objective)(
                     d_params, jax.lax.stop_gradient(pred), clips.target, gp_key)
-                d_params, d_opt_state = d_update(d_params, d_opt_state, d_grads)
-        (_, parts), pred_grad = jax.value_and_grad(g_objective, has_aux=True)(pred, d_params, clips.target)
+                d_params, d_opt_state = d_update(d_params, d_opt_state, d_grads, adversarial_on)
+        (_, parts), pred_grad = jax.value_and_grad(g_objective, has_aux=True)(pred, d_params, clips.target,
+                                                                              adversarial_on)
         return d_params, d_opt_state, d_loss, pull_back(pred_grad)[0], parts
 
-    def d_and_g_grads_accumulated(state: TrainState, clips: MaskedClips, gp_key):
+    def d_and_g_grads_accumulated(state: TrainState, clips: MaskedClips, gp_key, adversarial_on):
         count = settings.grad_accum_steps
         micro = _split_micro_batches(clips, count)
         d_params, d_opt_state = state.discriminator, state.discriminator_opt_state
@@ -176,20 +186,21 @@ def make_train_step(settings: StepSettings, generator_tx: optax.GradientTransfor
             for _ in range(settings.d_steps):
                 d_loss, d_grads = _mean_over_scan(lambda m: jax.value_and_grad(d_objective)(
                     d_params, forward(state.generator, m), m.target, gp_key), micro, count)
-                d_params, d_opt_state = d_update(d_params, d_opt_state, d_grads)
-        g_grads, parts = generator_grads(state.generator, d_params, clips)
+                d_params, d_opt_state = d_update(d_params, d_opt_state, d_grads, adversarial_on)
+        g_grads, parts = generator_grads(state.generator, d_params, clips, adversarial_on)
         return d_params, d_opt_state, d_loss, g_grads, parts
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         mask_key, gp_key = jax.random.split(key)
         clips = prepare_batch(settings, batch, mask_key)
         first_round = d_and_g_grads_one_forward if settings.grad_accum_steps == 1 else d_and_g_grads_accumulated
-        d_params, d_opt_state, d_loss, g_grads, parts = first_round(state, clips, gp_key)
+        adversarial_on = state.step >= settings.adv_warmup_steps
+        d_params, d_opt_state, d_loss, g_grads, parts = first_round(state, clips, gp_key, adversarial_on)
         metrics = {"d_loss": d_loss, **parts, "g_grad_norm": optax.tree.norm(g_grads)}
         g_params, g_opt_state = state.generator, state.generator_opt_state
         for g_step in range(settings.g_steps):
             if g_step > 0:  # official g_steps > 1: more generator steps against the same discriminator
-                g_grads, _ = generator_grads(g_params, d_params, clips)
+                g_grads, _ = generator_grads(g_params, d_params, clips, adversarial_on)
             updates, g_opt_state = generator_tx.update(g_grads, g_opt_state, g_params)
             g_params = optax.apply_updates(g_params, updates)
             if g_step == 0:

@@ -1,50 +1,199 @@
-"""The one orbax CheckpointManager layout for everything durable in a training workdir.
+"""The one orbax layout for everything durable in a workdir, for pretraining and fine-tuning alike.
 
 `<workdir>/checkpoints/<step>/` holds these items:
-  - "params":        {"generator": MarlinMAE params, "discriminator": PatchDiscriminator params}
-  - "opt_state":     both optimiser states (training only)
-  - "data_iterator": the input pipeline's state, so a resumed run sees the same batches (training only)
-  - "metadata":      JSON: {"architecture": {...}, "model_name": str, "step": int}
-
+  - "params":        the model: {"generator": MarlinMAE params, "discriminator": ...} when pretraining,
+                     {"generator": {"encoder": ...}, "head": ...} when fine-tuning;
+  - "opt_state":     the optimiser states and the step (training only);
+  - "data_iterator": the input pipeline's state, so a resumed run sees the same batches (training only);
+  - "metadata":      JSON: {"architecture": {...}, "model_name": str, "step": int, "best": {...}, ...}.
+`<workdir>/best/<step>/` holds "params" and "metadata" of the model with the best validation score so far.
 Inference and export read "params" and "metadata" alone, so they need no optimiser template.
+
+A step whose restore fails (half-written, a file removed or truncated) is moved aside to
+`<workdir>/damaged_checkpoints/` with a warning naming it, and the newest intact step is used instead: orbax's
+retention counts step folders, so a damaged newest step left in place could push the last good one out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import time
+from collections.abc import Callable
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 from marlin_jax.architectures import MarlinArchitecture
 
 CHECKPOINT_SUBDIR = "checkpoints"
+BEST_SUBDIR = "best"
+DAMAGED_SUBDIR = "damaged_checkpoints"
 ITEM_NAMES = ("params", "opt_state", "data_iterator", "metadata")
 
 
-def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
-    """A workdir or its checkpoints/ folder -> the checkpoints/ folder."""
-    path = pathlib.Path(path).absolute()
+def checkpoint_dir(path) -> epath.Path:
+    """A workdir or its checkpoints/ folder (or best/) -> the folder holding numbered steps."""
+    path = epath.Path(path)
+    if "://" not in str(path):
+        path = path.absolute()
     return path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
 
 
-def make_manager(directory: str | pathlib.Path, *, max_to_keep: int | None = 3,
-                 async_save: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options, item_names=ITEM_NAMES)
+def make_manager(directory, *, max_to_keep: int | None = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=ITEM_NAMES)
 
 
-def _read_handlers() -> dict:
-    import grain
-    return {"params": ocp.PyTreeCheckpointHandler(), "opt_state": ocp.PyTreeCheckpointHandler(),
-            "data_iterator": grain.checkpoint.CheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+def abstract_tree(tree: Any) -> Any:
+    """ShapeDtypeStructs carrying each leaf's sharding: a restore target that lands straight on the mesh."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def is_checkpoint_dir(path: str | pathlib.Path) -> bool:
+def save(manager: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any, loader, metadata: dict) -> None:
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+        data_iterator=grain.checkpoint.CheckpointSave(loader), metadata=ocp.args.JsonSave(metadata)), force=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int
+    params: Any
+    opt_state: Any
+    metadata: dict
+
+
+def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+
+
+def restore_latest_intact(manager: ocp.CheckpointManager, *, params_like: Any, opt_state_like: Any, loader,
+                          check: Callable[[dict], None]) -> Restored | None:
+    """The newest step that restores completely (params, optimiser, data iterator, metadata), onto the shardings
+    of `*_like`; `loader` is set in place. `check(metadata)` may raise to refuse the workdir (another model).
+    None when there is no intact step."""
+    workdir = epath.Path(manager.directory).parent
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            metadata = read_metadata(manager, step)
+        except Exception as error:  # noqa: BLE001 - any read failure means this step is unusable
+            _set_aside(manager, step, workdir, error)
+            continue
+        check(metadata)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_tree(params_like)),
+                opt_state=ocp.args.StandardRestore(abstract_tree(opt_state_like)),
+                data_iterator=grain.checkpoint.CheckpointRestore(loader)))
+        except Exception as error:  # noqa: BLE001
+            _set_aside(manager, step, workdir, error)
+            continue
+        return Restored(step, restored.params, restored.opt_state, metadata)
+    return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, workdir: epath.Path, error: Exception) -> None:
+    """Moves a damaged step out of the manager's folder (process 0), so retention keeps the intact ones."""
+    source = epath.Path(manager.directory) / str(step)
+    target = workdir / DAMAGED_SUBDIR / f"{step}_{int(time.time())}"
+    logging.warning("checkpoint step %d in %s is damaged (%s: %s); moving it to %s and resuming from the newest "
+                    "intact step", step, manager.directory, type(error).__name__, error, target)
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+    _sync(f"set_aside_{step}")
+    manager.reload()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def check_same(saved: dict, expected: dict, keys: tuple[str, ...], what: str) -> None:
+    """Refuses to resume from a checkpoint of another model or task, naming the first difference."""
+    for key in keys:
+        if saved.get(key) != expected.get(key):
+            raise ValueError(f"the workdir holds a {what} checkpoint with {key}={saved.get(key)!r}; this config has "
+                             f"{expected.get(key)!r}. Use a new --workdir.")
+
+
+# --- the best model ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BestRecord:
+    """The best validation score so far and its step; step -1: none yet."""
+
+    metric: str
+    mode: str  # "min" or "max"
+    step: int = -1
+    value: float = float("nan")
+
+    def improved_by(self, value: float) -> bool:
+        """Strictly better (ties keep the earlier step); NaN never wins."""
+        if not np.isfinite(value):
+            return False
+        if self.step < 0:
+            return True
+        return value < self.value if self.mode == "min" else value > self.value
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "mode": self.mode, "step": self.step,
+                "value": self.value if np.isfinite(self.value) else None}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BestRecord:
+        value = values.get("value")
+        return cls(values["metric"], values["mode"], values["step"], float("nan") if value is None else value)
+
+
+def save_best(workdir, step: int, params: Any, metadata: dict) -> epath.Path:
+    """Writes `<workdir>/best/<step>/` (params and metadata) synchronously, replacing the previous best only
+    once the new one is complete."""
+    directory = epath.Path(workdir) / BEST_SUBDIR
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, enable_async_checkpointing=False, create=True), item_names=("params", "metadata"))
+    if step not in manager.all_steps():
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                   metadata=ocp.args.JsonSave(metadata)), force=True)
+    manager.close()
+    return directory
+
+
+def _best_manager(workdir) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(epath.Path(workdir) / BEST_SUBDIR, options=ocp.CheckpointManagerOptions(
+        read_only=True), item_names=("params", "metadata"))
+
+
+def read_best_metadata(workdir) -> dict:
+    """The metadata saved with `<workdir>/best/`: the step, the record and every evaluator value of that step."""
+    manager = _best_manager(workdir)
+    try:
+        return read_metadata(manager, manager.latest_step())
+    finally:
+        manager.close()
+
+
+def restore_best_params(workdir, params_like: Any) -> Any:
+    """The params saved in `<workdir>/best/`, placed with `params_like`'s shardings."""
+    manager = _best_manager(workdir)
+    try:
+        return manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_tree(params_like)))).params
+    finally:
+        manager.close()
+
+
+# --- reading a model back (export, inference) -------------------------------------------------------------
+
+def is_checkpoint_dir(path) -> bool:
     directory = checkpoint_dir(path)
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
@@ -58,25 +207,41 @@ class SavedModel:
     model_name: str
 
 
-def restore_params(path: str | pathlib.Path, step: int | None = None) -> SavedModel:
-    """Reads the model of a workdir's (latest, or `step`) checkpoint, as host numpy arrays."""
+def _read_handlers() -> dict:
+    return {"params": ocp.PyTreeCheckpointHandler(), "opt_state": ocp.PyTreeCheckpointHandler(),
+            "data_iterator": grain.checkpoint.CheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+
+
+def restore_params(path, step: int | None = None) -> SavedModel:
+    """Reads the model of a workdir's (latest intact, or `step`) checkpoint as host numpy arrays, whatever
+    devices wrote it: a checkpoint from a TPU pod or a 2-process run reads back on one CPU."""
     directory = checkpoint_dir(path)
     if not is_checkpoint_dir(directory):
         raise ValueError(f"{path} holds no orbax checkpoint (looked for numbered step folders in {directory})")
     manager = ocp.CheckpointManager(directory, item_handlers=_read_handlers(),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = manager.all_steps()
-    if step is None:
-        step = manager.latest_step()
-    elif step not in steps:
-        raise ValueError(f"no checkpoint for step {step} in {directory}; available steps: {sorted(steps)}")
-    # Host numpy arrays, whatever devices wrote them: a checkpoint from a TPU pod or a 2-process run reads
-    # back on one CPU.
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if step is not None and step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {directory}; available steps: {sorted(steps)}")
+        for candidate in [step] if step is not None else steps:
+            try:
+                return _read_model(manager, candidate)
+            except Exception as error:  # noqa: BLE001 - a damaged step: fall back to an older one
+                if step is not None:
+                    raise ValueError(f"checkpoint step {step} in {directory} is damaged: {error}") from error
+                logging.warning("checkpoint step %d in %s is damaged (%s: %s); reading the next older step",
+                                candidate, directory, type(error).__name__, error)
+        raise ValueError(f"no intact checkpoint in {directory} (steps tried: {steps})")
+    finally:
+        manager.close()
+
+
+def _read_model(manager: ocp.CheckpointManager, step: int) -> SavedModel:
     params_tree = manager.item_metadata(step)["params"].tree
     as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_tree)
     restored = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.PyTreeRestore(restore_args=as_numpy), metadata=ocp.args.JsonRestore()))
-    manager.close()
     params, metadata = restored.params, restored.metadata
     return SavedModel(MarlinArchitecture.from_dict(metadata["architecture"]), params["generator"],
                       params.get("discriminator"), step, metadata.get("model_name", "marlin"))

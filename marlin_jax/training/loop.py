@@ -1,250 +1,246 @@
-"""`train_and_evaluate(config, workdir)`: MARLIN pretraining from setup to the last checkpoint.
+"""The one training loop, for pretraining and fine-tuning alike.
 
-Setup (mesh, sharded state, data, resume) is separate from the step (steps.py) and the loop below. A run
-resumes automatically from the newest checkpoint in `<workdir>/checkpoints`: parameters, both optimiser
-states, the step and the data iterator all come back, and every key is `fold_in(base_key, step)`, so a resumed
-run reproduces the uninterrupted one.
+A trainer (pretraining/trainer.py, downstream/finetune.py) hands the loop a `Trainer`: a sharded state, a
+step, a loader, evaluators and a few cadences. The loop owns what every run needs and nothing model-specific:
+automatic resume from the newest intact checkpoint (parameters, optimiser, step, data-iterator position and
+the best score so far come back, and every key the step draws is `fold_in(base_key, step)`, so a resumed run
+reproduces the uninterrupted one), the progress bar, throughput, the NaN stop, preemption agreed across hosts,
+the checkpoint cadence and the final save, evaluators at their own cadence, `<workdir>/best/`, and the
+profiler window. Every host runs the same loop on its share of each global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import time
-from typing import Any, Iterator
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
-import grain
+from etils import epath
 from tqdm import tqdm
 
-from marlin_jax.training import checkpoints
-from marlin_jax.architectures import MarlinArchitecture
-from marlin_jax.data import shards
-from marlin_jax.data.pipeline import make_pretrain_loader
-from marlin_jax.training import reporting, sharding
-from marlin_jax.training.run_control import PreemptionFlag, announce, check_finite
-from marlin_jax.training.schedules import learning_rate_schedule
-from marlin_jax.pretraining.state import TrainState, init_train_state, make_optimizer
-from marlin_jax.pretraining.step import StepSettings, make_train_step, prepare_batch
+from marlin_jax.training import checkpoints, reporting, sharding
+from marlin_jax.training.evaluators import Evaluator, is_due
+from marlin_jax.training.run_control import PreemptionWatch, ProfileWindow, announce, check_finite
+
+
+PROGRESS_KEYS = ("rec_loss", "d_loss", "loss", "lr")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """How often a run logs and checkpoints, how many checkpoints it keeps, and which steps it profiles."""
+
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int = 3
+    profile_steps: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, config) -> Cadence:
+        for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            if config[field] < 1:
+                raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
+        return cls(config.log_every, config.checkpoint_every, config.keep_checkpoints,
+                   parse_profile_steps(config.get("profile_steps", "")))
+
+
+def parse_profile_steps(value) -> tuple[int, ...]:
+    """`"START,COUNT"` (or a tuple) -> (start, count); empty -> ()."""
+    if not value:
+        return ()
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        steps = tuple(int(part) for part in parts)
+    except ValueError:
+        steps = ()
+    if len(steps) != 2 or steps[0] < 0 or steps[1] < 1:
+        raise ValueError(f"config.profile_steps must be START,COUNT (START >= 0, COUNT >= 1), got {value!r}")
+    return steps
 
 
 @dataclasses.dataclass
-class Run:
-    """Everything set up for the loop."""
+class Trainer:
+    """What a trainer hands the loop. `state` is sharded and has a `.step`; `step_fn(state, global_batch, step)`
+    returns (state, metrics) with replicated scalar metrics. `split_state` gives the (params, opt_state) trees
+    saved as the checkpoint's "params" and "opt_state" items, and `join_state(state, params, opt_state)` puts
+    restored ones back. `metadata` is saved with every checkpoint; a workdir whose `resume_keys` differ refuses to
+    resume. `best` names the evaluator value that selects `<workdir>/best/`; `stop_early(state, step)` may end
+    the run before `total_steps` (fine-tuning's learning-rate floor); `log_extras()` adds values to each logged row
+    and may raise to stop the run (pretraining's count of corrupt records). It runs on every host at the same
+    steps, so it may use collectives."""
 
-    config: Any
-    workdir: pathlib.Path
-    arch: MarlinArchitecture
-    settings: StepSettings
+    name: str
+    workdir: epath.Path
     mesh: jax.sharding.Mesh
-    state: TrainState
-    state_shardings: Any
-    train_step: Any
-    loader: Iterator
-    manager: ocp.CheckpointManager
+    logical_axis_rules: Sequence
+    state: Any
+    step_fn: Callable[[Any, dict, int], tuple[Any, dict]]
+    loader: Any
     total_steps: int
-    base_key: jax.Array
+    global_batch_size: int
+    cadence: Cadence
+    split_state: Callable[[Any], tuple[Any, Any]]
+    join_state: Callable[[Any, Any, Any], Any]
+    metadata: dict
+    resume_keys: tuple[str, ...]
+    evaluators: Sequence[Evaluator] = ()
+    best: checkpoints.BestRecord | None = None
+    stop_early: Callable[[Any, int], bool] | None = None
+    check_first_batch: Callable[[dict], None] | None = None
+    log_extras: Callable[[], dict[str, float]] | None = None
 
 
-def _count_clips(data_path: str, split: str) -> int:
-    manifest = shards.load_manifest(data_path)
-    shards.split_shard_paths(data_path, split)  # raises with a clear message if unfinished or absent
-    return sum(s["num_records"] for s in manifest["shards"] if s["split"] == split)
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+    step: int
+    stopped_by: str  # "total_steps", "early_stop" or "preempted"
+    metrics: dict[str, float]
+    best: checkpoints.BestRecord | None
 
 
-def _schedule_lengths(config) -> tuple[int, int]:
-    """(steps_per_epoch, total_steps), failing before anything compiles if the data is missing."""
-    if not config.data.path:
-        raise ValueError("config.data.path is empty: point it at a shard directory built by data_prep.build")
-    clips = _count_clips(config.data.path, config.data.train_split)
-    if clips == 0:
-        raise ValueError(f"{config.data.path} has no clips in split {config.data.train_split!r}")
-    steps_per_epoch = config.steps_per_epoch or max(1, clips // config.batch_size)
-    total_steps = config.total_steps or config.num_epochs * steps_per_epoch
-    return steps_per_epoch, total_steps
-
-
-def _metadata(config, arch: MarlinArchitecture, step: int) -> dict:
-    return {"architecture": arch.to_dict(), "model_name": config.model_name, "step": step}
-
-
-def _check_resumable(manager: ocp.CheckpointManager, step: int, arch: MarlinArchitecture) -> None:
-    saved = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
-    saved_arch = MarlinArchitecture.from_dict(saved["architecture"])
-    if saved_arch != arch:
-        raise ValueError(f"the workdir holds a checkpoint of another model ({saved.get('model_name')}: "
-                         f"{saved_arch}); this config builds {arch}. Use a new --workdir.")
-
-
-def _init_from(run_state: TrainState, path: str, arch: MarlinArchitecture, shardings) -> TrainState:
-    """Official MARLIN / VideoMAE weights (or another run's checkpoint) as the starting generator."""
-    from marlin_jax.marlin import Marlin
-    weights = Marlin.from_file(arch, path)
-    generator = dict(jax.device_get(run_state.generator))
-    generator.update(weights.params)  # an encoder-only file keeps the fresh decoder
-    state = run_state.replace(generator=generator)
-    if weights.discriminator_params is not None:
-        state = state.replace(discriminator=weights.discriminator_params)
-    announce(f"initialised {', '.join(sorted(weights.params))} from {path}")
-    return jax.device_put(state, shardings)
-
-
-def setup(config, workdir: str | pathlib.Path) -> Run:
-    workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    arch = MarlinArchitecture.from_dict(config.model.to_dict())
-    settings = StepSettings.from_config(config, arch)
-    steps_per_epoch, total_steps = _schedule_lengths(config)
-    schedule = learning_rate_schedule(config.learning_rate, config.batch_size, steps_per_epoch, total_steps)
-    generator_tx = make_optimizer(config.optimizer, schedule)
-    discriminator_tx = make_optimizer(config.optimizer, schedule)
-
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-    rules = config.logical_axis_rules
-    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"batch_size {config.batch_size} does not split over the mesh's data x fsdp axes "
-                         f"({mesh.shape['data']} x {mesh.shape['fsdp']})")
-    init_key, base_key = jax.random.split(jax.random.key(config.seed))
-    state, state_shardings = sharding.init_sharded(
-        lambda k: init_train_state(k, arch, generator_tx, discriminator_tx), init_key, mesh, rules)
-
-    manager = checkpoints.make_manager(workdir / checkpoints.CHECKPOINT_SUBDIR, max_to_keep=config.keep_checkpoints)
-    loader = make_pretrain_loader(
-        config.data.path, config.data.train_split, config.batch_size, config.seed,
-        worker_count=config.data.worker_count, num_frames=arch.num_frames,
-        temporal_sample_rate=config.data.temporal_sample_rate, patch_size=arch.patch_size,
-        tubelet_size=arch.tubelet_size, shuffle_window=config.data.shuffle_buffer)
-
-    latest = manager.latest_step()
-    if latest is not None:
-        _check_resumable(manager, latest, arch)
-        # The freshly initialised state is the restore target: same tree, shapes and shardings.
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                          state)
-        restored = manager.restore(latest, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore({"generator": abstract.generator,
-                                             "discriminator": abstract.discriminator}),
-            opt_state=ocp.args.StandardRestore({"generator": abstract.generator_opt_state,
-                                                "discriminator": abstract.discriminator_opt_state,
-                                                "step": abstract.step}),
-            data_iterator=grain.checkpoint.CheckpointRestore(loader)))
-        state = TrainState(step=restored.opt_state["step"], generator=restored.params["generator"],
-                           discriminator=restored.params["discriminator"],
-                           generator_opt_state=restored.opt_state["generator"],
-                           discriminator_opt_state=restored.opt_state["discriminator"])
-        announce(f"resumed from step {latest} in {workdir}")
-    elif config.init_from:
-        state = _init_from(state, config.init_from, arch, state_shardings)
-
-    step_fn = make_train_step(settings, generator_tx, discriminator_tx, schedule)
-    replicated = sharding.replicated(mesh)
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0)
-    return Run(config, workdir, arch, settings, mesh, state, state_shardings, train_step, loader, manager,
-               total_steps, base_key)
-
-
-def save_checkpoint(run: Run, step: int) -> None:
-    state = run.state
-    run.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave({"generator": state.generator, "discriminator": state.discriminator}),
-        opt_state=ocp.args.StandardSave({"generator": state.generator_opt_state,
-                                         "discriminator": state.discriminator_opt_state, "step": state.step}),
-        data_iterator=grain.checkpoint.CheckpointSave(run.loader),
-        metadata=ocp.args.JsonSave(_metadata(run.config, run.arch, step))), force=True)
-
-
-def _preview(run: Run, batch: dict[str, jax.Array], step: int) -> np.ndarray:
-    """Reconstruction grid of the batch's first clip, with the mask the step drew."""
-    from marlin_jax.model import MarlinMAE
-    first = {k: v[:1] for k, v in jax.device_get(batch).items()}
-    mask_key = jax.random.split(jax.random.fold_in(run.base_key, step))[0]
-    clips = prepare_batch(run.settings, first, mask_key)
-    predicted = MarlinMAE(run.arch).apply({"params": jax.device_get(run.state.generator)}, clips.video,
-                                          clips.visible_idx, clips.masked_idx)
-    return reporting.reconstruction_grid(run.arch, np.asarray(clips.video[0]), np.asarray(clips.visible_idx[0]),
-                                         np.asarray(clips.masked_idx[0]), np.asarray(predicted[0]))
-
-
-def run_loop(run: Run) -> dict[str, float]:
-    config = run.config
-    reporter = reporting.RunReporter(run.workdir)
-    preemption = PreemptionFlag()
-    start = int(jax.device_get(run.state.step))
-    first_batch_checked = False
-    last_metrics: dict[str, float] = {}
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    progress = tqdm(total=run.total_steps, initial=start, desc="pretrain", unit="step",
-                    disable=jax.process_index() != 0)
-    try:
-        for step in range(start, run.total_steps):
-            fetch_start = time.perf_counter()
-            local = next(run.loader)
-            data_wait += time.perf_counter() - fetch_start
-            if not first_batch_checked:
-                _check_batch_geometry(local, run.arch)
-                first_batch_checked = True
-            batch = sharding.global_batch(local, run.mesh)
-            run.state, metrics = run.train_step(run.state, batch, jax.random.fold_in(run.base_key, step))
-            done = step + 1
-            progress.update(1)
-            if step == start:
-                # The first step compiles; throughput counts the steps after it.
-                jax.block_until_ready(metrics)
-                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            else:
-                window_steps += 1
-            # Read the flag once: a SIGTERM landing later in this iteration must not skip the save below.
-            preempted = preemption.raised
-            is_last = done == run.total_steps or preempted
-            values = None  # host copy of this step's metrics, fetched at most once
-            if done % config.log_every == 0 or is_last:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(values, done)
-                if window_steps:
-                    elapsed = time.perf_counter() - window_start
-                    values["clips_per_s"] = window_steps * config.batch_size / elapsed
-                    values["step_time_s"] = elapsed / window_steps
-                    values["data_wait_s"] = data_wait / window_steps
-                reporter.scalars(done, values)
-                progress.set_postfix(rec=f"{values['rec_loss']:.4f}", d=f"{values['d_loss']:.3f}")
-                last_metrics = values
-                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            if config.image_every and (done % config.image_every == 0 or is_last):
-                reporter.image(done, _preview(run, batch, step))
-            if done % config.checkpoint_every == 0 or is_last:
-                if values is None:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    check_finite(values, done)
-                save_checkpoint(run, done)
-            if preempted:
-                break
-    finally:
-        preemption.restore()
-        progress.close()
-        run.manager.wait_until_finished()
-        reporter.close()
-    return last_metrics
-
-
-def _check_batch_geometry(batch: dict[str, np.ndarray], arch: MarlinArchitecture) -> None:
-    expected = (arch.num_frames, arch.img_size, arch.img_size, 3)
-    if tuple(batch["video"].shape[1:]) != expected:
-        raise ValueError(f"the data gives clips of shape {tuple(batch['video'].shape[1:])}, but the model expects "
-                         f"{expected} (config.model.img_size / num_frames)")
-
-
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
-    """Trains until config.total_steps (or num_epochs), checkpointing and logging on the way."""
-    run = setup(config, workdir)
+def train(trainer: Trainer) -> LoopResult:
+    """Resumes from the newest intact checkpoint in `<workdir>/checkpoints` if there is one, then trains."""
+    manager = checkpoints.make_manager(trainer.workdir / checkpoints.CHECKPOINT_SUBDIR,
+                                       max_to_keep=trainer.cadence.keep_checkpoints)
     try:
         # jit traces at the first call: the mesh and logical rules must be active there, or the model's
         # activation-sharding constraints are silently dropped.
-        with sharding.activate(run.mesh, config.logical_axis_rules):
-            return run_loop(run)
+        with sharding.activate(trainer.mesh, trainer.logical_axis_rules):
+            best = _resume(trainer, manager)
+            return _run(trainer, manager, best)
     finally:
-        run.manager.close()
-        if hasattr(run.loader, "close"):
-            run.loader.close()
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _resume(trainer: Trainer, manager) -> checkpoints.BestRecord | None:
+    params_like, opt_state_like = trainer.split_state(trainer.state)
+    restored = checkpoints.restore_latest_intact(
+        manager, params_like=params_like, opt_state_like=opt_state_like, loader=trainer.loader,
+        check=lambda saved: checkpoints.check_same(saved, trainer.metadata, trainer.resume_keys, trainer.name))
+    if restored is None:
+        return trainer.best
+    trainer.state = trainer.join_state(trainer.state, restored.params, restored.opt_state)
+    announce(f"resumed from step {restored.step} in {trainer.workdir}")
+    if trainer.best is not None and restored.metadata.get("best"):
+        return checkpoints.BestRecord.from_dict(restored.metadata["best"])
+    return trainer.best
+
+
+class _Throughput:
+    """Clips per second and data wait over the steps since the last report, not counting the compiling step."""
+
+    def __init__(self, global_batch_size: int):
+        self.global_batch_size = global_batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+
+    def report(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        elapsed = time.perf_counter() - self.start
+        values = {"clips_per_s": self.steps * self.global_batch_size / elapsed, "step_time_s": elapsed / self.steps,
+                  "data_wait_s": self.data_wait / self.steps}
+        self.reset()
+        return values
+
+
+def _host_values(metrics: dict) -> dict[str, float]:
+    # The step's metrics are replicated scalars: every host can fetch them.
+    return {name: float(value) for name, value in jax.device_get(metrics).items()}
+
+
+def _run(trainer: Trainer, manager, best: checkpoints.BestRecord | None) -> LoopResult:
+    cadence = trainer.cadence
+    start = int(jax.device_get(trainer.state.step))
+    last_values: dict[str, float] = {}
+    if start > 0 and trainer.stop_early is not None and trainer.stop_early(trainer.state, start):
+        return LoopResult(start, "early_stop", last_values, best)  # resuming a run that had stopped early
+    if start >= trainer.total_steps:
+        return LoopResult(start, "total_steps", last_values, best)
+    reporter = reporting.RunReporter(trainer.workdir)
+    preemption = PreemptionWatch()
+    profile = ProfileWindow(cadence.profile_steps, trainer.workdir / reporting.TENSORBOARD_SUBDIR)
+    throughput = _Throughput(trainer.global_batch_size)
+    progress = tqdm(total=trainer.total_steps, initial=start, desc=trainer.name, unit="step",
+                    disable=jax.process_index() != 0)
+    stopped_by, done = "total_steps", start
+    try:
+        for step in range(start, trainer.total_steps):
+            fetch_start = time.perf_counter()
+            local = next(trainer.loader)
+            throughput.data_wait += time.perf_counter() - fetch_start
+            if step == start and trainer.check_first_batch is not None:
+                trainer.check_first_batch(local)
+            profile.before_step(step)
+            trainer.state, metrics = trainer.step_fn(trainer.state, sharding.global_batch(local, trainer.mesh), step)
+            profile.after_step(step, metrics)
+            done = step + 1
+            progress.update(1)
+            if step == start:
+                jax.block_until_ready(metrics)  # the first step compiles; throughput counts the steps after it
+                throughput.reset()
+            else:
+                throughput.steps += 1
+            if preemption.reached(done):
+                stopped_by = "preempted"
+            elif trainer.stop_early is not None and trainer.stop_early(trainer.state, done):
+                stopped_by = "early_stop"
+            is_last = done == trainer.total_steps or stopped_by != "total_steps"
+            values: dict[str, float] = {}
+            if done % cadence.log_every == 0 or is_last:
+                values = _host_values(metrics)
+                check_finite(values, done)
+                values.update(throughput.report())
+                if trainer.log_extras is not None:
+                    values.update(trainer.log_extras())
+                last_values = values
+                progress.set_postfix({k: f"{values[k]:.4g}" for k in PROGRESS_KEYS if k in values})
+            ended = is_last and stopped_by != "preempted"
+            for evaluator in trainer.evaluators:
+                if is_due(evaluator, done, ended):
+                    evaluation = evaluator.evaluate(trainer.state, done)
+                    values.update(evaluation.scalars)
+                    for image_name, grid in evaluation.images.items():
+                        reporter.image(done, image_name, grid)
+            best = _keep_best(trainer, best, values, done)
+            reporter.record(done, values)
+            if done % cadence.checkpoint_every == 0 or is_last:
+                if not values:
+                    check_finite(_host_values(metrics), done)
+                _save(trainer, manager, done, best)
+            if is_last:
+                break
+    finally:
+        profile.stop()
+        preemption.close()
+        progress.close()
+        manager.wait_until_finished()
+        reporter.close()
+    return LoopResult(done, stopped_by, last_values, best)
+
+
+def _metadata(trainer: Trainer, step: int, best: checkpoints.BestRecord | None) -> dict:
+    return {**trainer.metadata, "step": step, **({"best": best.to_dict()} if best is not None else {})}
+
+
+def _save(trainer: Trainer, manager, step: int, best) -> None:
+    if step in manager.all_steps():  # rerunning a finished run lands on a saved step
+        return
+    params, opt_state = trainer.split_state(trainer.state)
+    checkpoints.save(manager, step, params=params, opt_state=opt_state, loader=trainer.loader,
+                     metadata=_metadata(trainer, step, best))
+
+
+def _keep_best(trainer: Trainer, best, values: dict, step: int):
+    """Saves `<workdir>/best/` when the chosen evaluator value improves."""
+    if best is None or best.metric not in values or not best.improved_by(values[best.metric]):
+        return best
+    best = dataclasses.replace(best, step=step, value=values[best.metric])
+    checkpoints.save_best(trainer.workdir, step, trainer.split_state(trainer.state)[0],
+                          {**_metadata(trainer, step, best), "evaluation": values})
+    return best

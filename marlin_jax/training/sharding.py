@@ -34,7 +34,8 @@ def make_mesh(shape, axes) -> Mesh:
             raise ValueError(f"mesh.shape {shape} does not divide the {len(devices)} devices")
         shape = tuple(len(devices) // known if s == -1 else s for s in shape)
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh.shape {shape} needs {int(np.prod(shape))} devices, but there are {len(devices)}")
+        raise ValueError(f"config.mesh.shape {shape} needs {int(np.prod(shape))} devices, but there are "
+                         f"{len(devices)}; use -1 on one axis to take the remaining devices")
     device_grid = mesh_utils.create_device_mesh(shape, devices)
     # Auto axes: flax's logical constraints are hints for the partitioner, not asserts (see NOTES.md).
     return Mesh(device_grid, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
@@ -63,6 +64,30 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh
     with activate(mesh, rules):
         state = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(key)
     return state, shardings
+
+
+def check_model_fits(arch, mesh: Mesh) -> None:
+    """Every width the mesh splits must divide by its axis (checked before anything compiles)."""
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    split_by_tensor = {"encoder heads": arch.encoder_num_heads, "decoder heads": arch.decoder_num_heads,
+                       "encoder MLP width": arch.mlp_dim, "decoder MLP width": arch.decoder_mlp_dim}
+    for what, width in split_by_tensor.items():
+        if width % tensor:
+            raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the {what} ({width}); choose a "
+                             f"config.mesh.shape whose tensor size divides {sorted(set(split_by_tensor.values()))}")
+    if arch.encoder_embed_dim % fsdp:
+        raise ValueError(f"the mesh's fsdp axis ({fsdp}) does not divide the encoder width "
+                         f"({arch.encoder_embed_dim}); choose a config.mesh.shape whose fsdp size divides it")
+
+
+def check_batch_fits(batch_size: int, mesh: Mesh, field: str = "batch_size") -> None:
+    """A global batch must split evenly over the data x fsdp devices and over the processes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards or batch_size % jax.process_count():
+        raise ValueError(f"config.{field}={batch_size} does not split over the mesh's data x fsdp axes "
+                         f"({mesh.shape['data']} x {mesh.shape['fsdp']} = {shards} devices) and "
+                         f"{jax.process_count()} process(es); pass a multiple of "
+                         f"{int(np.lcm(shards, jax.process_count()))}")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

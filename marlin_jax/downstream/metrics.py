@@ -6,6 +6,10 @@ the whole (N, K) matrix to a *binary* torchmetrics AUROC, which flattens it; so 
 (`auc_per_label_mean`) is added because the flattened AUROC also rewards getting the label base rates right.
 Multiclass `auc` is the one-vs-rest macro average, as torchmetrics' multiclass AUROC defaults to.
 An AUROC that is undefined (a class with no positive or no negative example) is NaN.
+
+`auc_batch_mean` is how the official fine-tuning and probes pick their best epoch: the AUROC of each validation
+batch of 32 (multilabel logits flattened, as its `Classifier.step` does), averaged over the batches weighted by
+their size (Lightning's epoch aggregation). Batches whose AUROC is undefined are left out of the mean.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ METRIC_NAMES = {
     "multiclass": ("acc", "auc", "f1_macro"),
     "multilabel": ("acc", "auc", "auc_per_label_mean", "num_labels_scored"),
 }
+# What can pick a best epoch or checkpoint: every metric above, and the official per-batch AUROC mean.
+SELECTABLE = {task: (*names, "auc_batch_mean") for task, names in METRIC_NAMES.items()}
+OFFICIAL_VAL_BATCH = 32
 
 
 def _binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -69,6 +76,23 @@ def multilabel_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, floa
 
 
 def probe_metrics(task: str, labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """Metrics of one split: labels int (N,) or (N, K); logits (N, outputs) as the probe returns them."""
+    """Metrics of one split: labels int (N,) or (N, K); logits (N, outputs) as the head returns them."""
     compute = {"binary": binary_metrics, "multiclass": multiclass_metrics, "multilabel": multilabel_metrics}
     return compute[task](labels, np.asarray(logits, np.float64))
+
+
+def auc_batch_mean(task: str, labels: np.ndarray, logits: np.ndarray, batch: int = OFFICIAL_VAL_BATCH) -> float:
+    """The official model-selection score: per-batch AUROC, averaged weighted by batch size (NaN if none)."""
+    logits = np.asarray(logits, np.float64)
+    total, weight = 0.0, 0
+    for start in range(0, len(labels), batch):
+        auc = probe_metrics(task, labels[start:start + batch], logits[start:start + batch])["auc"]
+        if np.isfinite(auc):
+            size = len(labels[start:start + batch])
+            total, weight = total + auc * size, weight + size
+    return total / weight if weight else float("nan")
+
+
+def selection_metrics(task: str, labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """`probe_metrics` plus `auc_batch_mean`: everything a validation pass reports and can select on."""
+    return {**probe_metrics(task, labels, logits), "auc_batch_mean": auc_batch_mean(task, labels, logits)}

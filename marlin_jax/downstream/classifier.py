@@ -1,9 +1,13 @@
-"""The fine-tuning state, the pure `train_step(state, batch) -> (state, metrics)` and the jitted predictor.
+"""The fine-tuned model, its state and its pure step: the MARLIN encoder and a linear head on its clip feature
+(the official Classifier).
 
-The optimiser is the linear probe's (Adam, then a plateau scale fed each step's loss and judged once per
-epoch on their mean), applied to every parameter: the encoder's fixed sin-cos table gets zero gradients
-(stop_gradient) and, without weight decay, zero Adam updates. Fine-tuning draws nothing at random on device
-(the official model has no dropout or augmentation; clips are sampled by the loader), so the step takes no key.
+The feature is `extract_features(video, keep_seq=False)`: all tokens encoded, mean-pooled, then the final
+LayerNorm, as the official fine-tuning calls it (`seq_mean_pool=True`). The head is kept in float32 whatever
+the encoder computes in. The optimiser is the linear probe's (Adam, then a plateau scale fed each step's loss
+and judged once per epoch on their mean), applied to every parameter: the encoder's fixed sin-cos table gets
+zero gradients (stop_gradient) and, without weight decay, zero Adam updates. Fine-tuning draws nothing at random
+on device (the official model has no dropout or augmentation; clips are sampled by the loader), so the step
+takes no key.
 """
 
 from __future__ import annotations
@@ -11,20 +15,40 @@ from __future__ import annotations
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from marlin_jax.evaluation.probe_training import probe_loss
-from marlin_jax.finetuning.classifier import VideoClassifier
+from marlin_jax.architectures import MarlinArchitecture
+from marlin_jax.downstream.head import LinearHead, head_loss
+from marlin_jax.downstream.probe import plateau_scale
+from marlin_jax.model import MarlinEncoder
 
 Params = Any
+
+
+class VideoClassifier(nn.Module):
+    """(B, T, H, W, 3) floats in [0, 1] -> (B, num_outputs) float32 logits. Params: {"encoder", "head"}."""
+
+    arch: MarlinArchitecture
+    num_outputs: int
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.encoder = MarlinEncoder(self.arch, self.remat, self.dtype)
+        self.head = LinearHead(self.num_outputs)
+
+    def __call__(self, video: jax.Array) -> jax.Array:
+        features = self.encoder.extract_features(video, keep_seq=False)
+        return self.head(features.astype(jnp.float32))
 
 
 @flax.struct.dataclass
 class FinetuneState:
     step: jax.Array
-    params: Params  # {"encoder": MarlinEncoder params, "head": LinearProbe params}
+    params: Params  # {"encoder": MarlinEncoder params, "head": LinearHead params}
     opt_state: optax.OptState
 
 
@@ -37,8 +61,8 @@ def init_state(key: jax.Array, model: VideoClassifier, tx: optax.GradientTransfo
 
 
 def learning_rate(opt_state: optax.OptState, base_learning_rate: float) -> jax.Array:
-    """The base rate times the plateau scale (the chain's second state), which scaled the last update."""
-    return base_learning_rate * opt_state[1].scale
+    """The base rate times the plateau scale, which scaled the last update."""
+    return base_learning_rate * plateau_scale(opt_state)
 
 
 def to_unit_range(video: jax.Array) -> jax.Array:
@@ -50,7 +74,7 @@ def make_train_step(model: VideoClassifier, tx: optax.GradientTransformationExtr
     """Returns the pure `train_step(state, batch)`; batch {"video": uint8 (B,T,H,W,3), "label": int}."""
 
     def loss_fn(params, batch):
-        return probe_loss(task, model.apply({"params": params}, to_unit_range(batch["video"])), batch["label"])
+        return head_loss(task, model.apply({"params": params}, to_unit_range(batch["video"])), batch["label"])
 
     def train_step(state: FinetuneState, batch: dict[str, jax.Array]):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)

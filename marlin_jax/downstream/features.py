@@ -1,26 +1,27 @@
 """Feature arrays for linear probing: `.npy` loading, temporal reduction and low-data subsets.
 
 A feature file holds either one clip embedding `(D,)` or the embeddings of a video's 16-frame windows
-`(T, D)`, as MARLIN's `extract_video(..., reduction="none")` writes them. Windowed files are reduced over
-time (mean, max or min) to one `(D,)` vector per video, as the official linear probe does.
+`(T, D)`, as `python -m marlin_jax.extract` (and the official `extract_video(..., reduction="none")`) writes
+them. Windowed files are reduced over time (mean, max or min) to one `(D,)` vector per video, as the official
+linear probe does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from absl import logging
+from etils import epath
 
-TASKS = ("binary", "multiclass", "multilabel")
-SPLITS = ("train", "val", "test")
+from marlin_jax.downstream.tasks import LabelledTask
+
 TEMPORAL_REDUCTIONS = ("mean", "max", "min")
 
 
 @dataclasses.dataclass(frozen=True)
-class ProbeSplit:
+class FeatureSplit:
     """One split: `features` (N, D) float32; `labels` int32, (N,) or (N, K) for multilabel."""
 
     ids: tuple[str, ...]
@@ -30,27 +31,8 @@ class ProbeSplit:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def take(self, indices: np.ndarray) -> ProbeSplit:
-        return ProbeSplit(
-            ids=tuple(self.ids[i] for i in indices),
-            features=self.features[indices],
-            labels=self.labels[indices],
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeDataset:
-    """A probing task: its splits, and the width of the linear layer (`num_outputs`)."""
-
-    task: str
-    num_outputs: int
-    splits: dict[str, ProbeSplit]
-    label_names: tuple[str, ...] | None = None
-    num_empty_features: int = 0
-
-    @property
-    def feature_dim(self) -> int:
-        return self.splits["train"].features.shape[1]
+    def take(self, indices: np.ndarray) -> FeatureSplit:
+        return FeatureSplit(tuple(self.ids[i] for i in indices), self.features[indices], self.labels[indices])
 
 
 def reduce_windows(windows: np.ndarray, reduction: str) -> np.ndarray:
@@ -62,16 +44,18 @@ def reduce_windows(windows: np.ndarray, reduction: str) -> np.ndarray:
     return {"mean": np.mean, "max": np.max, "min": np.min}[reduction](windows, axis=0)
 
 
-def load_feature(path: Path, reduction: str) -> tuple[np.ndarray, bool]:
+def load_feature(path, reduction: str) -> tuple[np.ndarray, bool]:
     """Loads one feature file as a float32 `(D,)` vector; also says whether it held zero windows.
 
     The official extractor saves a `(0, D)` array for a video it failed to read, and the official probe
     feeds such a video as a zero vector; we do the same and let the caller count them.
     """
+    path = epath.Path(path)
     if not path.is_file():
         raise ValueError(f"Feature file not found: {path}")
     try:
-        array = np.load(path, allow_pickle=False)
+        with path.open("rb") as file:
+            array = np.load(file, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise ValueError(f"Cannot read feature file {path}: {error}") from error
     if array.ndim not in (1, 2) or array.shape[-1] == 0:
@@ -84,7 +68,7 @@ def load_feature(path: Path, reduction: str) -> tuple[np.ndarray, bool]:
     return reduce_windows(array, reduction), False
 
 
-def load_features(paths: Sequence[Path], reduction: str) -> tuple[np.ndarray, int]:
+def load_features(paths: Sequence, reduction: str) -> tuple[np.ndarray, int]:
     """Stacks feature files into `(N, D)`; returns it and the number of empty (zero-window) files."""
     vectors, num_empty = [], 0
     for path in paths:
@@ -100,14 +84,20 @@ def load_features(paths: Sequence[Path], reduction: str) -> tuple[np.ndarray, in
     return np.stack(vectors), num_empty
 
 
-def check_splits(splits: dict[str, ProbeSplit], source: str) -> None:
-    """Fails when a split is absent or empty; `source` names the file or folder the splits came from."""
-    for name in SPLITS:
-        if name not in splits or len(splits[name]) == 0:
-            raise ValueError(f"Split {name!r} is empty in {source}")
+def load_feature_splits(task: LabelledTask, reduction: str) -> tuple[dict[str, FeatureSplit], int]:
+    """Every split's features (one vector per file); also the number of empty feature files."""
+    splits, num_empty = {}, 0
+    for name, split in task.splits.items():
+        features, empty = load_features(split.paths, reduction)
+        splits[name] = FeatureSplit(split.ids, features, split.labels)
+        num_empty += empty
+    dims = {name: split.features.shape[1] for name, split in splits.items()}
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"feature dimensions differ between splits: {dims}")
+    return splits, num_empty
 
 
-def subsample(split: ProbeSplit, ratio: float, rng: np.random.Generator) -> ProbeSplit:
+def subsample(split: FeatureSplit, ratio: float, rng: np.random.Generator) -> FeatureSplit:
     """Keeps `int(len(split) * ratio)` examples drawn without replacement by `rng`, in their original order.
 
     The official code keeps a prefix of the list instead; a seeded draw lets several seeds see different
@@ -120,5 +110,4 @@ def subsample(split: ProbeSplit, ratio: float, rng: np.random.Generator) -> Prob
     size = int(len(split) * ratio)
     if size == 0:
         raise ValueError(f"data_ratio={ratio} leaves no examples out of {len(split)}")
-    chosen = rng.choice(len(split), size=size, replace=False)
-    return split.take(np.sort(chosen))
+    return split.take(np.sort(rng.choice(len(split), size=size, replace=False)))

@@ -1,1 +1,0 @@
-"""Downstream evaluation of MARLIN features (linear probes on extracted `.npy` features)."""
