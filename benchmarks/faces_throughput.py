@@ -1,11 +1,12 @@
-"""Frames per second of the face path (detect + landmarks + crop + region map) on ONE CPU core.
+"""Frames per second of the face path (find the face + crop + region map) on ONE CPU core.
 
     python benchmarks/faces_throughput.py                      # sample videos, or astronaut frames
     python benchmarks/faces_throughput.py --video my.mp4 --frames 300
 
 Pins itself to one core before loading the models (their worker threads inherit the pin), decodes
-the frames first (not timed) and prints one JSON object: per input, frames/s on that core and the
-mean milliseconds per frame. Inputs: video01.mp4 (480x360) and video04.mp4 (1280x720) from
+the frames first (not timed) and prints one JSON object: per input and per path (detect then track,
+and the detector on every frame), frames/s on that core and the mean milliseconds per frame, measured
+in the same run. Inputs: video01.mp4 (480x360) and video04.mp4 (1280x720) from
 ../shared/data/marlin_samples when present, else 512x512 frames synthesised from
 skimage.data.astronaut() (shifted a little each frame so the detector does real work).
 """
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import skimage.data
 
@@ -63,13 +65,16 @@ def main() -> None:
     args = parser.parse_args()
 
     os.sched_setaffinity(0, {args.core})
-    cropper = FaceCropper()
+    cv2.setNumThreads(1)  # as in data_prep's workers
+    croppers = {"tracking": FaceCropper(), "per_frame": FaceCropper(tracking=False)}
     videos = args.video or [SAMPLES / name for name in SAMPLE_VIDEOS if (SAMPLES / name).exists()]
     inputs = {path.name: decode(path, args.frames) for path in videos}
     if not inputs:
         inputs = {"astronaut_synthetic": astronaut_frames(args.frames)}
-    results = {name: measure(cropper, frames, args.repeats) for name, frames in inputs.items()}
-    print(json.dumps({"core": args.core, "smoothing": cropper.smoothing, "inputs": results}, indent=1))
+    results = {name: {path: measure(cropper, frames, args.repeats) for path, cropper in croppers.items()}
+               for name, frames in inputs.items()}
+    print(json.dumps({"core": args.core, "smoothing": croppers["tracking"].smoothing,
+                      "redetect_every": croppers["tracking"].redetect_every, "inputs": results}, indent=1))
 
 
 if __name__ == "__main__":

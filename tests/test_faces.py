@@ -10,16 +10,11 @@ import skimage.data
 
 from marlin_jax import masking
 from marlin_jax.faces import REGION_LABELS, FaceCropper, FaceCrops, NoFaceError
-from marlin_jax.faces.crop import (
-    OFFICIAL_BOX_SCALE,
-    OFFICIAL_BOX_SHIFT,
-    crop_square,
-    fill_missing,
-    smooth_squares,
-    to_crop_coordinates,
-)
-from marlin_jax.faces.detection import LEFT_EYE, MOUTH_CENTRE, NOSE_TIP, RIGHT_EYE, FaceDetector
-from marlin_jax.faces.landmarks import FaceLandmarker
+from marlin_jax.faces.crop import OFFICIAL_BOX_SCALE, OFFICIAL_BOX_SHIFT, crop_square, to_crop_coordinates
+from marlin_jax.faces.cropper import fill_missing, smooth_squares
+from marlin_jax.faces.detection import LEFT_EYE, MOUTH_CENTRE, NOSE_TIP, RIGHT_EYE, FaceDetection, FaceDetector
+from marlin_jax.faces.landmarks import FaceLandmarker, roi_from_detection
+from marlin_jax.faces.tracking import FaceTracker, FrameFace, place_boxes
 from mediapipe.tasks.python.vision import FaceLandmarksConnections
 
 MESH_RIGHT_EYE = sorted({e.start for e in FaceLandmarksConnections.FACE_LANDMARKS_RIGHT_EYE})
@@ -95,7 +90,7 @@ def test_crop_square_matches_pad_then_resize():
 def test_landmark_eyes_match_detector_eye_keypoints(detector, degrees):
     image = rotated_astronaut(degrees)
     detection = detector.detect(image)
-    points = FaceLandmarker().landmarks(image, detection).points
+    points = FaceLandmarker().landmarks(image, roi_from_detection(detection)).points
     iod = np.linalg.norm(detection.keypoints[LEFT_EYE] - detection.keypoints[RIGHT_EYE])
     for eye, keypoint in ((MESH_RIGHT_EYE, RIGHT_EYE), (MESH_LEFT_EYE, LEFT_EYE)):
         error = np.linalg.norm(points[eye].mean(0) - detection.keypoints[keypoint])
@@ -209,15 +204,36 @@ def test_frames_without_face_reuse_a_box_and_have_no_map():
     assert crops.region_maps[[1, 3]].any(axis=(1, 2)).all()
 
 
-def test_fill_missing_and_smoothing_helpers():
-    squares = np.arange(15, dtype=float).reshape(5, 3)
-    found = np.array([False, False, True, False, True])
-    np.testing.assert_array_equal(fill_missing(squares, found), squares[[2, 2, 2, 2, 4]])
-    np.testing.assert_array_equal(smooth_squares(squares, 1), squares)
+def squares_after(stage, squares, *args) -> list:
+    """The squares a streaming stage gives to items (frame number, None, square)."""
+    items = [(t, None, None if square is None else np.asarray(square, float)) for t, square in enumerate(squares)]
+    out = list(stage(iter(items), *args))
+    assert [t for t, _, _ in out] == list(range(len(squares)))  # every frame once, in order
+    return [square for _, _, square in out]
+
+
+def test_fill_missing_carries_the_last_square_and_gives_leading_frames_the_first():
+    squares = [None, None, [1, 1, 1], None, [2, 2, 2], None]
+    np.testing.assert_array_equal(squares_after(fill_missing, squares, 10), [[1] * 3] * 4 + [[2] * 3] * 2)
+
+
+def test_fill_missing_holds_at_most_max_held_frames_then_centres_the_square():
+    frame = np.zeros((40, 100, 3), np.uint8)
+    items = [(frame, None, None)] * 3 + [(frame, None, np.array([7.0, 7.0, 7.0]))]
+    out = [square for _, _, square in fill_missing(iter(items), 1)]
+    np.testing.assert_array_equal(out, [[50, 20, 20], [50, 20, 20], [7, 7, 7], [7, 7, 7]])
+
+
+def test_smooth_squares_is_a_centred_window_shrinking_at_the_ends():
+    squares = np.arange(21, dtype=float).reshape(7, 3) ** 2
+    expected = [squares[max(0, t - r): t + r + 1].mean(0)
+                for t, r in enumerate(min(t, 6 - t, 2) for t in range(7))]
+    np.testing.assert_allclose(squares_after(smooth_squares, squares, 5), expected)
+    np.testing.assert_array_equal(squares_after(smooth_squares, squares, 1), squares)
     linear = np.linspace(0, 40, 30)[:, None] * np.ones(3)
-    np.testing.assert_allclose(smooth_squares(linear, 5), linear)  # no lag on steady motion
+    np.testing.assert_allclose(squares_after(smooth_squares, linear, 5), linear)  # no lag on steady motion
     with pytest.raises(ValueError):
-        smooth_squares(squares, 4)
+        list(smooth_squares(iter([]), 4))
 
 
 def test_smoothing_reduces_jitter():
@@ -225,7 +241,7 @@ def test_smoothing_reduces_jitter():
     path = np.stack([np.linspace(100, 160, 60), np.full(60, 80.0), np.full(60, 50.0)], 1)
     noisy = path + rng.normal(0, 2, path.shape)
     raw_jitter = np.diff(noisy[:, :2], axis=0).std()
-    smooth_jitter = np.diff(smooth_squares(noisy, 5)[:, :2], axis=0).std()
+    smooth_jitter = np.diff(np.array(squares_after(smooth_squares, noisy, 5))[:, :2], axis=0).std()
     assert smooth_jitter < 0.5 * raw_jitter
 
 
@@ -237,13 +253,13 @@ def test_pickles_cheaply_and_works_after(cropper):
     np.testing.assert_array_equal(copy.process_image(image).frames, cropper.process_image(image).frames)
 
 
-def test_sample_video_finds_faces_and_smoothing_steadies_the_box(cropper, samples_dir):
+def test_sample_video_finds_faces_and_smoothing_steadies_the_box(samples_dir):
     frames = read_frames(samples_dir / "video01.mp4", 48)
-    smoothed = cropper.process_video(frames)
+    smoothed = FaceCropper(tracking=False).process_video(frames)
     assert smoothed.frames.shape == (48, 224, 224, 3)
     assert smoothed.face_found.mean() > 0.9
     assert smoothed.region_maps[smoothed.face_found].any(axis=(1, 2)).all()
-    raw = FaceCropper(smoothing=1).process_video(frames)
+    raw = FaceCropper(smoothing=1, tracking=False).process_video(frames)
     centre_steps = {name: np.diff((c.boxes[:, :2] + c.boxes[:, 2:]) / 2, axis=0)
                     for name, c in (("raw", raw), ("smoothed", smoothed))}
     assert centre_steps["smoothed"].std() < 0.7 * centre_steps["raw"].std()
@@ -257,3 +273,113 @@ def test_official_crop_video_is_framed_like_the_official_crop(cropper, samples_d
     overlap = (np.minimum(x1, 224) - np.maximum(x0, 0)) * (np.minimum(y1, 224) - np.maximum(y0, 0))
     iou = overlap / ((x1 - x0) * (y1 - y0) + 224 * 224 - overlap)
     assert np.median(iou) > 0.85
+
+
+# --- detect, then track ------------------------------------------------------------------------------------
+
+class CountingDetector:
+    def __init__(self, detector: FaceDetector):
+        self.detector = detector
+        self.frames: list[int] = []
+        self.frame = -1
+
+    def detect(self, image: np.ndarray) -> FaceDetection | None:
+        self.frames.append(self.frame)
+        return self.detector.detect(image)
+
+
+def moving_astronaut(count: int) -> list[np.ndarray]:
+    return [np.roll(skimage.data.astronaut(), (3 * t, 2 * t), axis=(0, 1)) for t in range(count)]
+
+
+def test_tracker_detects_on_the_first_frame_every_k_frames_and_when_the_face_is_lost(detector):
+    blank = np.zeros((512, 512, 3), np.uint8)
+    frames = moving_astronaut(10) + [blank, blank] + moving_astronaut(4)
+    counting = CountingDetector(detector)
+    tracker = FaceTracker(counting, FaceLandmarker(), redetect_every=4)
+    faces = []
+    for counting.frame, frame in enumerate(frames):
+        faces.append(tracker.find(frame))
+    # Frame 10: the landmark model no longer sees a face, so the detector runs there (and finds none).
+    assert counting.frames == [0, 4, 8, 10, 11, 12]
+    assert [face is not None for face in faces] == [True] * 10 + [False] * 2 + [True] * 4
+    assert [t for t, face in enumerate(faces) if face and face.detection] == [0, 4, 8, 12]
+    # A tracked face is where the detector would find it.
+    for t in (3, 14):
+        truth = FaceLandmarker().landmarks(frames[t], roi_from_detection(detector.detect(frames[t]))).points
+        assert np.median(np.linalg.norm(faces[t].points - truth, axis=1)) < 1.0
+
+
+def synthetic_face(scale: float, shift: tuple[float, float], box_offset=(0.0, 0.0), box_side=1.0,
+                   detected: bool = False) -> FrameFace:
+    """Landmarks filling [0, 1]^2 scaled and moved; with `detected`, a detection whose box sits on them
+    `box_offset` (in landmark extents) from their centre with side `box_side` extents."""
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 18), np.linspace(0, 1, 26)), -1).reshape(-1, 2)
+    points = (grid * scale + shift).astype(np.float32)
+    if not detected:
+        return FrameFace(points=points)
+    centre = np.array(shift) + scale * (0.5 + np.array(box_offset))
+    half = scale * box_side / 2
+    eyes = np.array([[0.3, 0.4], [0.7, 0.4]]) * scale + shift
+    detection = FaceDetection(box=np.concatenate([centre - half, centre + half]).astype(np.float32),
+                              keypoints=np.concatenate([eyes, np.zeros((4, 2))]).astype(np.float32), score=0.9)
+    return FrameFace(points=points, detection=detection)
+
+
+def test_place_boxes_interpolates_between_detections_within_a_track():
+    faces = [synthetic_face(100, (0, 0), (0.1, 0.0), 1.2, detected=True),
+             synthetic_face(110, (10, 0)), synthetic_face(120, (20, 0)), synthetic_face(130, (30, 0)),
+             synthetic_face(140, (40, 0), (0.3, 0.1), 1.6, detected=True),
+             synthetic_face(150, (50, 0)), None, synthetic_face(100, (0, 0), detected=True)]
+    placed = list(place_boxes(enumerate(faces)))
+    assert [t for t, _, _ in placed] == list(range(8))
+    boxes = [box for _, _, box in placed]
+    np.testing.assert_allclose(boxes[0], faces[0].detection.box)
+    np.testing.assert_allclose(boxes[4], faces[4].detection.box)
+    assert boxes[6] is None
+    # Frame 2, halfway: offset (0.2, 0.05) and side 1.4 landmark extents (120 px), from centre (80, 60).
+    np.testing.assert_allclose(boxes[2], [80 + 24 - 84, 60 + 6 - 84, 80 + 24 + 84, 60 + 6 + 84], atol=1e-3)
+    # Frame 5 ends its track: the last detection's calibration, on its own landmarks (extent 150).
+    np.testing.assert_allclose(boxes[5], [125 + 45 - 120, 75 + 15 - 120, 125 + 45 + 120, 75 + 15 + 120], atol=1e-3)
+
+
+def test_iter_video_streams_and_matches_process_video(detector):
+    frames = moving_astronaut(14)
+    cropper = FaceCropper(redetect_every=3)
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for frame in frames:
+            pulled += 1
+            yield frame
+
+    streamed = []
+    for t, crop in enumerate(cropper.iter_video(source())):
+        # Frame t waits for the next detection (at most 3 frames on) and the smoothing window (2 more).
+        assert pulled <= t + 3 + 2 + 1
+        streamed.append(crop)
+    crops = FaceCrops.stack(streamed)
+    assert crops.detected.tolist() == [t % 3 == 0 for t in range(14)]
+    whole = cropper.process_video(np.stack(frames))
+    for field in ("frames", "region_maps", "face_found", "boxes", "landmarks", "detected"):
+        np.testing.assert_array_equal(getattr(crops, field), getattr(whole, field))
+
+
+def test_frame_size_changing_within_a_video_is_refused(cropper):
+    frames = [skimage.data.astronaut(), skimage.data.astronaut()[:500]]
+    with pytest.raises(ValueError, match="frame size changes"):
+        list(cropper.iter_video(iter(frames)))
+
+
+@pytest.mark.parametrize("name", ["video01.mp4", "video04.mp4"])
+def test_tracking_agrees_with_the_per_frame_path(samples_dir, name):
+    # The issue-15 targets; benchmarks/faces_tracking_quality.py measures all ten sample videos.
+    frames = read_frames(samples_dir / name, 48)
+    per_frame = FaceCropper(tracking=False).process_video(frames)
+    tracked = FaceCropper().process_video(frames)
+    np.testing.assert_array_equal(tracked.face_found, per_frame.face_found)
+    both = tracked.face_found
+    assert np.median(np.linalg.norm(tracked.landmarks[both] - per_frame.landmarks[both], axis=-1)) <= 1.0
+    assert (tracked.region_maps[both] == per_frame.region_maps[both]).mean() >= 0.97
+    assert tracked.detected.mean() < 0.5

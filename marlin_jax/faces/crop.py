@@ -29,32 +29,6 @@ def square_from_box(
     return np.array([(x0 + x1) / 2, (y0 + y1) / 2 - shift * side, scale * side / 2], np.float64)
 
 
-def fill_missing(squares: np.ndarray, found: np.ndarray) -> np.ndarray:
-    """Gives each frame without a face the square of the last frame with one.
-
-    Frames before the first face take the first face's square (the official code has no box yet
-    there and crops a 2x2-pixel patch at the origin). `squares` (T, 3), `found` (T,) bool with at
-    least one True.
-    """
-    last_found = np.maximum.accumulate(np.where(found, np.arange(len(found)), -1))
-    return squares[np.where(last_found >= 0, last_found, np.argmax(found))]
-
-
-def smooth_squares(squares: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average of (T, 3) squares over `window` frames (odd; 1 = unchanged).
-
-    Near the ends the window shrinks symmetrically (frame t averages t-r..t+r with r limited by
-    both ends), so the first and last frames keep their own squares and nothing lags behind.
-    """
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"smoothing window must be a positive odd number of frames, got {window}")
-    count = len(squares)
-    radius = np.minimum(np.minimum(np.arange(count), count - 1 - np.arange(count)), window // 2)
-    cumulative = np.concatenate([np.zeros((1, 3)), np.cumsum(squares, axis=0)])
-    start, stop = np.arange(count) - radius, np.arange(count) + radius + 1
-    return (cumulative[stop] - cumulative[start]) / (2 * radius + 1)[:, None]
-
-
 def box_from_square(square: np.ndarray) -> np.ndarray:
     """(..., 3) squares -> (..., 4) float32 boxes x0, y0, x1, y1."""
     centre, half = square[..., :2], square[..., 2:]

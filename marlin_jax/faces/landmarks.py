@@ -1,8 +1,9 @@
 """468-point Face Mesh landmarks from MediaPipe's face_landmark.tflite, run with LiteRT.
 
-The model sees a 192x192 crop of a region of interest (ROI) built from a BlazeFace detection the
-way MediaPipe's legacy FaceMesh builds it: centred on the detector's box, 1.5x its longer side,
-rotated so the line from the subject's right eye to their left eye is horizontal.
+The model sees a 192x192 crop of a region of interest (ROI) built the way MediaPipe's legacy
+FaceMesh builds it from a BlazeFace detection: centred on the detector's box, 1.5x its longer side,
+rotated so the line from the subject's right eye to their left eye is horizontal. Between
+detections, `marlin_jax.faces.tracking` builds the same ROI from the previous frame's landmarks.
 """
 
 import dataclasses
@@ -50,15 +51,17 @@ class RotatedSquare:
         return np.concatenate([self._local_to_source_linear(local_side), offset[:, None]], axis=1)
 
 
+def roi_from_box(box: np.ndarray, angle: float) -> RotatedSquare:
+    """The landmark model's ROI for a face box x0, y0, x1, y1 whose eye line is at `angle` radians."""
+    x0, y0, x1, y1 = box
+    return RotatedSquare(centre=np.array([(x0 + x1) / 2, (y0 + y1) / 2]),
+                         side=ROI_SCALE * max(x1 - x0, y1 - y0), angle=angle)
+
+
 def roi_from_detection(detection: FaceDetection) -> RotatedSquare:
     """The landmark model's ROI for a detection (see the module docstring)."""
-    x0, y0, x1, y1 = detection.box
     eye_line = detection.keypoints[LEFT_EYE] - detection.keypoints[RIGHT_EYE]
-    return RotatedSquare(
-        centre=np.array([(x0 + x1) / 2, (y0 + y1) / 2]),
-        side=ROI_SCALE * max(x1 - x0, y1 - y0),
-        angle=float(np.arctan2(eye_line[1], eye_line[0])),
-    )
+    return roi_from_box(detection.box, float(np.arctan2(eye_line[1], eye_line[0])))
 
 
 class FaceLandmarker:
@@ -72,9 +75,8 @@ class FaceLandmarker:
         self._points_output = outputs[NUM_LANDMARKS * 3]
         self._presence_output = outputs[1]
 
-    def landmarks(self, image: np.ndarray, detection: FaceDetection) -> FaceLandmarks:
-        """Landmarks of the face found by `detection` in `image` ((H, W, 3) uint8 RGB)."""
-        roi = roi_from_detection(detection)
+    def landmarks(self, image: np.ndarray, roi: RotatedSquare) -> FaceLandmarks:
+        """Landmarks of the face in the `roi` of `image` ((H, W, 3) uint8 RGB)."""
         crop = cv2.warpAffine(
             image,
             roi.source_from_local_affine(INPUT_SIDE),
