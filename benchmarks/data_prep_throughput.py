@@ -1,11 +1,17 @@
 """data_prep end to end (decode -> face crop + region map -> JPEG/PNG -> TFRecord), in frames per second.
 
-    python benchmarks/data_prep_throughput.py [--videos DIR] [--workers 1 2]
+    python benchmarks/data_prep_throughput.py [--videos DIR] [--copies 2] [--workers 1 2]
 
-Times `build_dataset` over the sample videos (../shared/data/marlin_samples; else the demo videos, made on
-the spot) once per worker count, after the face models are loaded, and prints JSON. Per core:
-`frames_per_cpu_second` divides the frames by the CPU time of the build (MediaPipe may use helper threads),
-and `frames_per_second_per_worker` by the wall time and worker count. Stage timings come from one video.
+Builds shards from the sample videos (../shared/data/marlin_samples, each linked `--copies` times so that a
+build outlasts worker start-up; else the demo videos, made on the spot) with detect-then-track and with
+--no-tracking (the detector on every frame), once per worker count, in one run, and prints JSON:
+- frames_per_second: frames over the build's wall time, worker start-up and model loading included;
+- frames_per_second_per_worker: the same divided by the workers, i.e. per core when workers <= cores;
+- frames_per_cpu_second: frames over the CPU time of the build (all processes and threads), the per-core
+  figure that other load on the machine does not distort;
+- scaling: frames_per_second of each worker count over that of one worker.
+`load_average` says how busy the machine was (other processes distort the wall-time figures). Stage timings
+come from one video on one thread, per frame.
 """
 
 import argparse
@@ -16,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import cv2
 
 from data_prep import frames as frame_io
 from data_prep.builder import BuildConfig, build_dataset
@@ -33,52 +39,72 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def time_build(videos: Path, workers: int, cropper: FaceCropper) -> dict:
+def linked_copies(videos: Path, copies: int, root: Path) -> Path:
+    """A folder holding `copies` links to every video under `videos`."""
+    for copy in range(copies):
+        for video in sorted(videos.rglob("*.mp4")):
+            link = root / f"copy{copy}" / video.relative_to(videos)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(video.resolve())
+    return root
+
+
+def time_build(videos: Path, workers: int, tracking: bool) -> dict:
     with tempfile.TemporaryDirectory() as output:
-        config = BuildConfig(str(videos), output, workers=workers, shard_size=4, val_fraction=0.0)
-        factory = (lambda: cropper) if workers == 1 else None  # pool workers load their own models
+        config = BuildConfig(str(videos), output, workers=workers, shard_size=4, val_fraction=0.0,
+                             tracking=tracking)
+        load = os.getloadavg()[0]
         wall, cpu = time.perf_counter(), cpu_seconds()
-        manifest = build_dataset(config, cropper_factory=factory)
+        manifest = build_dataset(config)
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     frames = sum(entry["num_frames"] for entry in manifest["sources"])
-    return {"workers": workers, "videos": len(manifest["sources"]), "frames": frames,
+    return {"tracking": tracking, "workers": workers, "videos": len(manifest["sources"]), "frames": frames,
             "wall_s": round(wall, 2), "frames_per_second": round(frames / wall, 1),
             "frames_per_second_per_worker": round(frames / wall / workers, 1),
-            "frames_per_cpu_second": round(frames / cpu, 1)}
+            "frames_per_cpu_second": round(frames / cpu, 1), "load_average": round(load, 2)}
 
 
-def time_stages(video: Path, cropper: FaceCropper) -> dict:
-    start = time.perf_counter()
-    frames = np.stack(list(frame_io.iter_video_frames(str(video))))
-    decoded = time.perf_counter()
-    crops = cropper.process_video(frames)
-    cropped = time.perf_counter()
-    for frame, labels in zip(crops.frames, crops.region_maps):
-        codecs.encode_jpeg(frame)
-        codecs.encode_label_map(labels)
-    encoded = time.perf_counter()
-    count = len(frames)
-    return {"video": video.name, "frame_size": list(frames.shape[1:3]), "frames": count,
-            "decode_fps": round(count / (decoded - start)), "crop_and_map_fps": round(count / (cropped - decoded)),
-            "encode_fps": round(count / (encoded - cropped))}
+def time_stages(video: Path, tracking: bool) -> dict:
+    """Per-frame milliseconds of each stage on this thread (the face detector adds its own threads)."""
+    cropper = FaceCropper(tracking=tracking)
+    frames = list(frame_io.iter_video_frames(str(video), threads=1))
+    start = time.thread_time()
+    list(frame_io.iter_video_frames(str(video), threads=1))
+    decoded = time.thread_time()
+    crops = list(cropper.iter_video(frames))
+    cropped = time.thread_time()
+    for crop in crops:
+        codecs.encode_jpeg(crop.frame)
+        codecs.encode_label_map(crop.region_map)
+    encoded = time.thread_time()
+    per_frame = lambda seconds: round(1e3 * seconds / len(frames), 3)  # noqa: E731
+    return {"video": video.name, "frame_size": list(frames[0].shape[:2]), "frames": len(frames),
+            "tracking": tracking, "decode_ms": per_frame(decoded - start),
+            "crop_and_map_ms": per_frame(cropped - decoded), "encode_ms": per_frame(encoded - cropped)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=Path, default=None)
+    parser.add_argument("--copies", type=int, default=2, help="links to each sample video")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
+    cv2.setNumThreads(1)  # as in the build's workers, for the stage timings
     with tempfile.TemporaryDirectory() as scratch:
         videos = args.videos or (SAMPLES if SAMPLES.is_dir() else None)
         if videos is None:
             videos = Path(scratch) / "demo"
             synthesize_videos(videos, num_videos=10)
-        cropper = FaceCropper()
-        stage_video = sorted(p for p in videos.rglob("*.mp4"))[0]
-        result = {"input": str(videos), "cpu_count": os.cpu_count(),
-                  "stages_one_video": time_stages(stage_video, cropper),
-                  "builds": [time_build(videos, workers, cropper) for workers in args.workers]}
-    print(json.dumps(result, indent=1))
+        stage_video = sorted(videos.rglob("*.mp4"))[0]
+        stages = [time_stages(stage_video, tracking) for tracking in (True, False)]
+        inputs = linked_copies(videos, args.copies, Path(scratch) / "inputs")
+        builds = [time_build(inputs, workers, tracking) for tracking in (True, False) for workers in args.workers]
+    for build in builds:
+        single = [b for b in builds if b["tracking"] == build["tracking"] and b["workers"] == 1]
+        if single:
+            build["scaling"] = round(build["frames_per_second"] / single[0]["frames_per_second"], 2)
+    print(json.dumps({"input": str(videos), "copies": args.copies, "cpu_count": os.cpu_count(),
+                      "stages_one_video": stages, "builds": builds}, indent=1))
 
 
 if __name__ == "__main__":

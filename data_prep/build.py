@@ -35,11 +35,14 @@ def parse_args(argv: list[str]) -> BuildConfig:
                         help="longer sources are stored as several records of about this many frames")
     parser.add_argument("--image-size", type=int, default=_DEFAULTS.image_size, help="face crop side in px")
     parser.add_argument("--jpeg-quality", type=int, default=_DEFAULTS.jpeg_quality)
+    parser.add_argument("--no-tracking", dest="tracking", action="store_false",
+                        help="run the face detector on every frame instead of tracking the face with the landmark "
+                             "model between detections (slower; see marlin_jax.faces.tracking)")
     args = parser.parse_args(argv)
     return BuildConfig(input_dir=args.input, output_dir=args.output, layout=args.layout, workers=args.workers,
                        split_csv_dir=args.split_csv_dir, val_fraction=args.val_fraction,
                        shard_size=args.shard_size, segment_frames=args.segment_frames,
-                       image_size=args.image_size, jpeg_quality=args.jpeg_quality)
+                       image_size=args.image_size, jpeg_quality=args.jpeg_quality, tracking=args.tracking)
 
 
 def main(argv: list[str] | None = None) -> None:

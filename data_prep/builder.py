@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import cv2
 from absl import logging
 from tqdm import tqdm
 
@@ -47,17 +48,18 @@ class BuildConfig:
     segment_frames: int = 256
     image_size: int = 224
     jpeg_quality: int = 95
+    tracking: bool = True  # detect, then track with the landmark model; False: the detector on every frame
 
     def content_settings(self) -> dict:
         """The settings that decide what the shards hold (not where, nor how fast)."""
         return {"layout": self.layout, "shard_size": self.shard_size, "segment_frames": self.segment_frames,
-                "image_size": self.image_size, "jpeg_quality": self.jpeg_quality}
+                "image_size": self.image_size, "jpeg_quality": self.jpeg_quality, "face_tracking": self.tracking}
 
 
-def default_cropper_factory(image_size: int) -> Callable[[], process.Cropper]:
+def default_cropper_factory(image_size: int, tracking: bool = True) -> Callable[[], process.Cropper]:
     from marlin_jax.faces import FaceCropper  # Loads MediaPipe; only builders need it.
 
-    return functools.partial(FaceCropper, size=image_size)
+    return functools.partial(FaceCropper, size=image_size, tracking=tracking)
 
 
 def build_dataset(config: BuildConfig, cropper_factory: Callable[[], process.Cropper] | None = None) -> dict:
@@ -78,7 +80,7 @@ def _process_and_assemble(build: "_Build", config: BuildConfig,
     pending = build.pending_sources()
     logging.info("%d sources in %d shards; %d left to process", len(build.shard_of), len(build.shards),
                  len(pending))
-    factory = cropper_factory or default_cropper_factory(config.image_size)
+    factory = cropper_factory or default_cropper_factory(config.image_size, config.tracking)
     settings = process.EncodeSettings(config.layout, config.segment_frames, config.jpeg_quality)
     tasks = [(source, build.part_path(source)) for source in pending]
     with tqdm(total=len(build.shard_of), initial=len(build.shard_of) - len(pending), unit="video",
@@ -99,8 +101,13 @@ def _run(tasks: list[tuple[Source, Path]], factory, settings, workers: int) -> I
         return
     if workers == 1:
         cropper = factory()
-        for source, part_path in tasks:
-            yield process.process_source(source, part_path, cropper, settings)
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # as in a worker process (see _init_worker), restored afterwards
+        try:
+            for source, part_path in tasks:
+                yield process.process_source(source, part_path, cropper, settings)
+        finally:
+            cv2.setNumThreads(threads)
         return
     # spawn: MediaPipe/TFLite and FFmpeg threads do not survive fork.
     context = multiprocessing.get_context("spawn")
@@ -112,6 +119,10 @@ _worker_state: dict = {}
 
 
 def _init_worker(factory, settings) -> None:
+    # One thread per worker process, as the pool has one process per core: OpenCV's own thread pool (like
+    # FFmpeg's, see process.DECODE_THREADS) would only compete with the other workers, and costs about 10%
+    # more CPU per frame even alone.
+    cv2.setNumThreads(1)
     _worker_state["cropper"] = factory()
     _worker_state["settings"] = settings
 

@@ -1,18 +1,21 @@
-"""Frames of a source, decoded in order and cut into segments that bound memory and record size.
+"""Frames of a source, decoded in order, and segments that bound record size.
 
-Videos are decoded with PyAV using FFmpeg's frame/slice threading; YouTube Faces folders are read image by
-image in natural order (`1.10.jpg` after `1.9.jpg`; the official loader sorts names as strings).
+Videos are decoded with PyAV, with FFmpeg's frame/slice threading on `threads` threads; YouTube Faces folders
+are read image by image in natural order (`1.10.jpg` after `1.9.jpg`; the official loader sorts names as
+strings).
 """
 
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import av
 import cv2
 import numpy as np
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+T = TypeVar("T")
 
 
 def video_fps(path: str) -> float:
@@ -23,11 +26,12 @@ def video_fps(path: str) -> float:
         return float(rate) if rate else 0.0
 
 
-def iter_video_frames(path: str) -> Iterator[np.ndarray]:
-    """(H, W, 3) uint8 RGB frames of the first video stream."""
+def iter_video_frames(path: str, threads: int = 0) -> Iterator[np.ndarray]:
+    """(H, W, 3) uint8 RGB frames of the first video stream; `threads` 0 lets FFmpeg choose (one per core)."""
     with av.open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
+        stream.thread_count = threads
         for frame in container.decode(stream):
             yield frame.to_ndarray(format="rgb24")
 
@@ -53,31 +57,24 @@ def iter_image_folder_frames(folder: str) -> Iterator[np.ndarray]:
         yield image
 
 
-def iter_segments(frames: Iterator[np.ndarray], segment_frames: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first frame index, (T, H, W, 3) frames) segments of `segment_frames` frames.
+def iter_segments(items: Iterator[T], segment_frames: int) -> Iterator[tuple[int, list[T]]]:
+    """(first frame index, items) segments of `segment_frames` consecutive frames' items.
 
     A remainder shorter than half a segment joins the last segment, so no record is a stub: segments hold
     between `segment_frames // 2` and `segment_frames * 3 // 2` frames (all of a shorter source).
-    Raises ValueError when there are no frames or their sizes differ.
+    Raises ValueError when there are no frames.
     """
     if segment_frames < 2:
         raise ValueError(f"segment_frames must be at least 2, got {segment_frames}")
-    buffer: list[np.ndarray] = []
+    buffer: list[T] = []
     first = 0
-    for frame in frames:
-        buffer.append(frame)
+    for item in items:
+        buffer.append(item)
         if len(buffer) == segment_frames + segment_frames // 2:
-            yield first, _stack(buffer[:segment_frames])
+            yield first, buffer[:segment_frames]
             first += segment_frames
             buffer = buffer[segment_frames:]
     if not buffer and first == 0:
         raise ValueError("no frames could be decoded")
     if buffer:
-        yield first, _stack(buffer)
-
-
-def _stack(frames: list[np.ndarray]) -> np.ndarray:
-    shapes = {frame.shape for frame in frames}
-    if len(shapes) > 1:
-        raise ValueError(f"frame size changes within the source: {sorted(shapes)}")
-    return np.stack(frames)
+        yield first, buffer

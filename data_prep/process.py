@@ -1,5 +1,9 @@
 """One source -> its clip records in a part file, plus a JSON status: the unit of work of a build.
 
+Frames stream from the decoder through the face cropper, which holds only the few it still needs, and only
+the 224 px crops of a segment are gathered into its record; so memory stays small whatever the source's
+length or resolution.
+
 The part file appears (renamed into place) only once every segment is written, and the status file after
 it, so a status file is the proof that the source is finished. A source that cannot be decoded, or shows no
 face in any frame, gets a `failed` status with the reason and no part file; any other exception is a bug
@@ -9,6 +13,7 @@ and propagates.
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -22,15 +27,18 @@ from data_prep.sources import Source
 from marlin_jax.data import codecs
 from marlin_jax.data.schema import ClipRecord, serialize_clip
 from marlin_jax.data.tfrecord import RecordWriter
-from marlin_jax.faces import NoFaceError
+from marlin_jax.faces import FaceCrops, FrameCrop, NoFaceError
 
+# A build gets its parallelism from worker processes, one per core; FFmpeg's own threads would only compete with
+# them (and cost about 10% more CPU per frame even alone).
+DECODE_THREADS = 1
 # What a broken, unreadable or faceless source raises (NoFaceError is a ValueError; a missing or unreadable
 # video file is an FFmpegError). OSError is left out on purpose: a full disk must stop the build.
 _SOURCE_ERRORS = (av.FFmpegError, ValueError, cv2.error)
 
 
 class Cropper(Protocol):
-    def process_video(self, frames: np.ndarray): ...
+    def iter_video(self, frames: Iterator[np.ndarray]) -> Iterator[FrameCrop]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +82,15 @@ def process_source(source: Source, part_path: Path, cropper: Cropper, settings: 
 def _write_segments(source: Source, cropper: Cropper, settings: EncodeSettings, writer: RecordWriter,
                     counts: dict) -> None:
     if settings.layout == "videos":
-        fps, frames = frame_io.video_fps(source.path), frame_io.iter_video_frames(source.path)
+        fps = frame_io.video_fps(source.path)
+        frames = frame_io.iter_video_frames(source.path, threads=DECODE_THREADS)
     else:
         fps, frames = 0.0, frame_io.iter_image_folder_frames(source.path)
-    for segment_index, (first_frame, segment) in enumerate(frame_io.iter_segments(frames,
-                                                                                  settings.segment_frames)):
+    segments = frame_io.iter_segments(cropper.iter_video(frames), settings.segment_frames)
+    for segment_index, (first_frame, segment) in enumerate(segments):
         counts["num_frames"] += len(segment)
-        try:
-            crops = cropper.process_video(segment)
-        except NoFaceError:
+        crops = FaceCrops.stack(segment)
+        if not crops.face_found.any():
             counts["segments_without_face"] += 1
             continue
         writer.write(serialize_clip(_clip_record(source, crops, fps, segment_index, first_frame,
@@ -92,7 +100,7 @@ def _write_segments(source: Source, cropper: Cropper, settings: EncodeSettings, 
         counts["frames_with_face"] += int(np.count_nonzero(crops.face_found))
 
 
-def _clip_record(source: Source, crops, fps: float, segment_index: int, first_frame: int,
+def _clip_record(source: Source, crops: FaceCrops, fps: float, segment_index: int, first_frame: int,
                  jpeg_quality: int) -> ClipRecord:
     height, width = crops.frames.shape[1:3]
     return ClipRecord(

@@ -1,7 +1,8 @@
 """data_prep: sources and splits, segmenting, a real build, failures, resume after an interruption, TFRecord
-checksums, and a TensorFlow cross-read (skipped without TensorFlow)."""
+checksums (the TensorFlow cross-read is tests/test_tfdata_crossread.py)."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -15,9 +16,9 @@ from data_prep.demo import make_demo_dataset, write_mp4
 from data_prep.sources import plan_sources, sorted_group_split
 from marlin_jax import masking
 from marlin_jax.data import codecs
-from marlin_jax.data.schema import FEATURE_SPEC_DOC, parse_clip
+from marlin_jax.data.schema import parse_clip
 from marlin_jax.data.tfrecord import CorruptRecordError, RecordReader, RecordWriter, read_records
-from marlin_jax.faces import FaceCrops, NoFaceError
+from marlin_jax.faces import FrameCrop
 
 CROP = 224
 
@@ -25,30 +26,32 @@ CROP = 224
 class FakeCropper:
     """Resizes whole frames to the crop size, labels a fixed square skin; dark frames have no face."""
 
-    def process_video(self, frames: np.ndarray) -> FaceCrops:
-        found = frames.mean(axis=(1, 2, 3)) > 60
-        if not found.any():
-            raise NoFaceError(f"no face found in any of the {len(frames)} frame(s)")
-        crops = np.stack([cv2.resize(frame, (CROP, CROP), interpolation=cv2.INTER_AREA) for frame in frames])
-        maps = np.zeros((len(frames), CROP, CROP), np.uint8)
-        maps[found, 48:176, 48:176] = masking.SKIN
-        maps[found, 80:96, 64:96] = masking.RIGHT_EYE
-        boxes = np.tile(np.array([0, 0, frames.shape[2], frames.shape[1]], np.float32), (len(frames), 1))
-        return FaceCrops(frames=crops, region_maps=maps, face_found=found, boxes=boxes)
+    def iter_video(self, frames: Iterator[np.ndarray]) -> Iterator[FrameCrop]:
+        for frame in frames:
+            found = bool(frame.mean() > 60)
+            labels = np.zeros((CROP, CROP), np.uint8)
+            if found:
+                labels[48:176, 48:176] = masking.SKIN
+                labels[80:96, 64:96] = masking.RIGHT_EYE
+            yield FrameCrop(frame=cv2.resize(frame, (CROP, CROP), interpolation=cv2.INTER_AREA), region_map=labels,
+                            face_found=found, box=np.array([0, 0, frame.shape[1], frame.shape[0]], np.float32),
+                            landmarks=np.full((468, 2), np.nan, np.float32), detected=True)
 
 
 class CountingCropper(FakeCropper):
-    """Counts calls, and raises KeyboardInterrupt (like Ctrl-C) on call number `interrupt_at` (0-based)."""
+    """Counts videos, and raises KeyboardInterrupt (like Ctrl-C) at frame 20 of video `interrupt_at` (0-based)."""
 
     def __init__(self, interrupt_at: int | None = None):
         self.calls = 0
         self.interrupt_at = interrupt_at
 
-    def process_video(self, frames: np.ndarray) -> FaceCrops:
-        if self.calls == self.interrupt_at:
-            raise KeyboardInterrupt
+    def iter_video(self, frames: Iterator[np.ndarray]) -> Iterator[FrameCrop]:
+        interrupt = self.calls == self.interrupt_at
         self.calls += 1
-        return super().process_video(frames)
+        for index, crop in enumerate(super().iter_video(frames)):
+            if interrupt and index == 20:
+                raise KeyboardInterrupt
+            yield crop
 
 
 def gradient_video(num_frames: int, side: int, brightness: int) -> np.ndarray:
@@ -121,12 +124,11 @@ def test_plan_sources_rejects_bad_inputs(tmp_path):
 
 
 def test_segments_cover_every_frame_once_and_avoid_stubs():
-    frames = [np.full((2, 2, 3), t, np.uint8) for t in range(90)]
-    segments = list(frame_io.iter_segments(iter(frames), 32))
+    segments = list(frame_io.iter_segments(iter(range(90)), 32))
     assert [(first, len(seg)) for first, seg in segments] == [(0, 32), (32, 32), (64, 26)]
-    assert np.concatenate([seg[:, 0, 0, 0] for _, seg in segments]).tolist() == list(range(90))
-    assert [len(s) for _, s in frame_io.iter_segments(iter(frames[:47]), 32)] == [47]
-    assert [len(s) for _, s in frame_io.iter_segments(iter(frames[:48]), 32)] == [32, 16]
+    assert [t for _, seg in segments for t in seg] == list(range(90))
+    assert [len(s) for _, s in frame_io.iter_segments(iter(range(47)), 32)] == [47]
+    assert [len(s) for _, s in frame_io.iter_segments(iter(range(48)), 32)] == [32, 16]
     with pytest.raises(ValueError, match="no frames"):
         list(frame_io.iter_segments(iter([]), 32))
 
@@ -204,9 +206,9 @@ def test_interrupted_build_resumes_without_loss_or_duplicates(tmp_path):
     videos = _resume_inputs(tmp_path)
     config = BuildConfig(str(videos), str(tmp_path / "out"), workers=1, shard_size=2, segment_frames=16,
                          val_fraction=0.0)
-    # 40 frames -> 3 segments (16, 16, 8) per video, one call each; call 10 is the 2nd segment of the 4th
-    # source: shard 0 is done, shard 1 has one finished source and one half-written part.
-    interrupted = CountingCropper(interrupt_at=10)
+    # 40 frames -> 3 segments (16, 16, 8) per video; frame 20 of the 4th source is in its 2nd segment: shard 0
+    # is done, shard 1 has one finished source and one half-written part.
+    interrupted = CountingCropper(interrupt_at=3)
     with pytest.raises(KeyboardInterrupt):
         build_dataset(config, cropper_factory=lambda: interrupted)
     out = tmp_path / "out"
@@ -220,7 +222,7 @@ def test_interrupted_build_resumes_without_loss_or_duplicates(tmp_path):
 
     resumed = CountingCropper()
     manifest = build_dataset(config, cropper_factory=lambda: resumed)
-    assert resumed.calls == 6  # only the interrupted source and the one never started
+    assert resumed.calls == 2  # only the interrupted source and the one never started
     assert manifest["complete"] and not (out / "_work").exists() and not list(out.rglob("*.tmp"))
 
     fresh = build_dataset(BuildConfig(str(videos), str(tmp_path / "fresh"), workers=1, shard_size=2,
@@ -306,28 +308,3 @@ def test_corrupt_length_or_truncation_skips_the_rest_of_the_file(tmp_path):
     (tmp_path / "b.tfrecord").write_bytes((tmp_path / "b.tfrecord").read_bytes()[:starts[4] + 20])
     reader = RecordReader(tmp_path / "b.tfrecord")
     assert list(reader) == records[:4] and reader.corrupt_records == 1
-
-
-def test_tensorflow_reads_our_shards_and_we_read_its_files(real_build, tmp_path):
-    tf = pytest.importorskip("tensorflow")
-    root, manifest, _ = real_build
-    kinds = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
-    spec = {key: tf.io.FixedLenFeature([1], kinds[kind]) if length else tf.io.VarLenFeature(kinds[kind])
-            for key, (kind, length) in FEATURE_SPEC_DOC.items()}
-    files = [str(root / "out" / shard["file"]) for shard in manifest["shards"]]
-    ours = shard_records(root / "out", manifest)
-    theirs = [tf.io.parse_single_example(data, spec) for data in tf.data.TFRecordDataset(files)]
-    assert len(theirs) == len(ours) == 5
-    for record, parsed in zip(ours, theirs):
-        assert parsed["video/source_id"].numpy()[0].decode() == record.source_id
-        assert parsed["video/num_frames"].numpy()[0] == record.num_frames
-        assert tf.sparse.to_dense(parsed["video/frames"]).numpy().tolist() == record.frames_jpeg
-        decoded = tf.io.decode_jpeg(tf.sparse.to_dense(parsed["video/frames"])[0],
-                                    dct_method="INTEGER_ACCURATE").numpy()
-        # Decoders differ slightly in IDCT and chroma upsampling, hence a mean, not exact equality.
-        assert np.abs(decoded.astype(int) - codecs.decode_jpeg(record.frames_jpeg[0])).mean() < 1
-    payloads = [b"", b"x" * 70000, bytes(range(256))]
-    with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as writer:
-        for payload in payloads:
-            writer.write(payload)
-    assert read_records(tmp_path / "tf.tfrecord") == payloads
