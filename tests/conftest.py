@@ -1,7 +1,10 @@
-"""Shared fixtures: the official PyTorch MARLIN as a reference, and the sample videos."""
+"""Shared fixtures: PyTorch and the official PyTorch MARLIN as references, the sample videos, and a Python
+with TensorFlow for the tf.data cross-read."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import pathlib
 import sys
 import types
@@ -13,7 +16,20 @@ SAMPLES_DIR = REPO_ROOT.parent / "shared" / "data" / "marlin_samples"
 
 
 @pytest.fixture(scope="session")
-def marlin_pytorch():
+def torch():
+    """PyTorch (the test extra). Tests that use it ask for this fixture, so without torch only they skip."""
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def torch_reference(torch):
+    """tests/torch_reference.py, which imports torch."""
+    import torch_reference
+    return torch_reference
+
+
+@pytest.fixture(scope="session")
+def marlin_pytorch(torch):
     """The real `marlin_pytorch` package (installed with --no-deps, see README).
 
     marlin_pytorch imports torchvision at module level only for `torchvision.io.read_video`, and PyPI's
@@ -21,7 +37,6 @@ def marlin_pytorch():
     module in sys.modules so the import succeeds; the model code under test never touches it, and a test that
     calls read_video would fail loudly on the stub.
     """
-    pytest.importorskip("torch")
     try:
         import torchvision  # noqa: F401
     except Exception:
@@ -48,3 +63,23 @@ def samples_dir() -> pathlib.Path:
     if not SAMPLES_DIR.is_dir():
         pytest.skip(f"sample videos not found at {SAMPLES_DIR}")
     return SAMPLES_DIR
+
+
+TFDATA_PYTHON_VARIABLE = "MARLIN_TFDATA_PYTHON"
+
+
+@pytest.fixture(scope="session")
+def tfdata_python() -> str:
+    """A Python interpreter with TensorFlow, for tests/tfdata_crossread.py.
+
+    TensorFlow is too heavy for the project's install, so `.ci/run` puts tensorflow-cpu in a venv of its own and
+    names its interpreter in $MARLIN_TFDATA_PYTHON; when that is set the cross-read runs (and fails rather than
+    skips if that interpreter is broken). Otherwise this interpreter is used if it has TensorFlow.
+    """
+    configured = os.environ.get(TFDATA_PYTHON_VARIABLE)
+    if configured:
+        return configured
+    if importlib.util.find_spec("tensorflow") is not None:
+        return sys.executable
+    pytest.skip(f"the tf.data cross-read needs TensorFlow: set {TFDATA_PYTHON_VARIABLE} to a Python with "
+                "tensorflow-cpu (.ci/run makes one)")
