@@ -1,8 +1,6 @@
 """Tests for marlin_jax.masking: exact counts, region semantics, frequencies against a plain re-derivation."""
 
-import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -316,23 +314,3 @@ def test_mask_to_indices_rejects_bad_input():
         masking.mask_to_indices(jnp.ones(10, bool), 11)
     with pytest.raises(ValueError, match="bool"):
         masking.mask_to_indices(jnp.ones(10, jnp.int32), 5)
-
-
-def test_report_speed():
-    """Prints host occupancy and jitted batch-of-8 sampling times (run with -s); asserts nothing on speed."""
-    maps = _face_like_maps(0, 1.0)
-    repeats = 200
-    start = time.perf_counter()
-    for _ in range(repeats):
-        masking.occupancy_from_region_maps(maps)
-    occupancy_ms = (time.perf_counter() - start) / repeats * 1e3
-    batch = jnp.asarray(np.stack([_full_occupancy(seed) for seed in range(8)]))
-    keys = list(jax.random.split(jax.random.key(0), 20))  # slicing outside the timed loop
-    for strategy in STRATEGIES:
-        sample = jax.jit(functools.partial(masking.sample_masks, strategy=strategy, visible_ratio=0.1))
-        sample(keys[0], batch).block_until_ready()
-        start = time.perf_counter()
-        for key in keys:
-            sample(key, batch).block_until_ready()
-        print(f"\nsample_masks {strategy}: {(time.perf_counter() - start) / 20 * 1e3:.2f} ms per batch of 8")
-    print(f"occupancy_from_region_maps: {occupancy_ms:.3f} ms per 16x224x224 clip")
