@@ -77,20 +77,28 @@ def occupancy_from_region_maps(
     """
     maps = np.asarray(region_maps)
     first_frames = _validated_first_frames(maps, patch_size, tubelet_size)
+    labelled = first_frames
     if has_map is not None:
         has_map = np.asarray(has_map)
         if has_map.shape != maps.shape[:1] or has_map.dtype != bool:
             raise ValueError(f"has_map must be a bool array of shape ({maps.shape[0]},), got "
                              f"{has_map.dtype} {has_map.shape}")
-        first_frames = np.where(has_map[::tubelet_size, None, None], first_frames, BACKGROUND)
-    if first_frames.min() < 0 or first_frames.max() >= NUM_LABELS:
+        labelled = first_frames[has_map[::tubelet_size]]
+    if labelled.size and (labelled.min() < 0 or labelled.max() >= NUM_LABELS):
         raise ValueError(f"region_maps labels must lie in [0, {NUM_LABELS}), got "
-                         f"[{first_frames.min()}, {first_frames.max()}]")
-    # One bit per label, OR-ed over each patch: a single pass instead of one max-pool per label.
-    label_bits = np.left_shift(np.uint16(1), first_frames.astype(np.uint16))
+                         f"[{labelled.min()}, {labelled.max()}]")
+    # One bit per label, OR-ed over each patch: a single pass instead of one max-pool per label. The patch
+    # rows are OR-ed as whole contiguous slices first, which is several times faster than one reduction
+    # over both strided patch axes.
     t, height, width = first_frames.shape
-    patches = label_bits.reshape(t, height // patch_size, patch_size, width // patch_size, patch_size)
-    present = np.bitwise_or.reduce(patches, axis=(2, 4))
+    label_bits = np.left_shift(np.uint16(1), first_frames.astype(np.uint16, copy=False))
+    rows = label_bits.reshape(t, height // patch_size, patch_size, width // patch_size, patch_size)
+    patch_columns = rows[:, :, 0].copy()
+    for row in range(1, patch_size):
+        patch_columns |= rows[:, :, row]
+    present = np.bitwise_or.reduce(patch_columns, axis=-1)
+    if has_map is not None:
+        present = np.where(has_map[::tubelet_size, None, None], present, np.uint16(1 << BACKGROUND))
     return ((present[..., None] >> np.arange(NUM_LABELS, dtype=np.uint16)) & 1).astype(bool)
 
 

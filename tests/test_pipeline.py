@@ -4,6 +4,7 @@ resume from a saved iterator state (in-process and with worker processes)."""
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -14,10 +15,11 @@ from data_prep.sources import Source
 from marlin_jax import masking
 from marlin_jax.data import codecs
 from marlin_jax.data.pipeline import make_pretrain_loader
-from marlin_jax.data.sampling import clip_frame_indices
+from marlin_jax.video import pretraining_clip
 from marlin_jax.data.schema import ClipRecord, serialize_clip
 from marlin_jax.data.shards import MANIFEST_NAME, shard_file_name
 from marlin_jax.data.tfrecord import RecordWriter
+from marlin_jax.data.transforms import DecodeClip
 
 SIDE = 64  # small frames keep the tests fast; the pipeline does not depend on the size
 PATCH = 16
@@ -107,22 +109,22 @@ def test_long_clips_take_every_second_frame_from_any_valid_start():
     rng = np.random.default_rng(0)
     starts = set()
     for _ in range(400):
-        indices = clip_frame_indices(40, 16, 2, rng)
+        indices = pretraining_clip(40, 16, 2, rng)
         np.testing.assert_array_equal(np.diff(indices), 2)
         starts.add(int(indices[0]))
     assert starts == set(range(0, 40 - 32 + 1))
-    np.testing.assert_array_equal(clip_frame_indices(32, 16, 2, rng), np.arange(0, 32, 2))
+    np.testing.assert_array_equal(pretraining_clip(32, 16, 2, rng), np.arange(0, 32, 2))
 
 
 def test_short_clips_take_the_first_frames_or_repeat_the_last():
     rng = np.random.default_rng(0)
-    np.testing.assert_array_equal(clip_frame_indices(27, 16, 2, rng), np.arange(16))
-    np.testing.assert_array_equal(clip_frame_indices(17, 16, 2, rng), np.arange(16))
-    np.testing.assert_array_equal(clip_frame_indices(16, 16, 2, rng), np.arange(16))
-    np.testing.assert_array_equal(clip_frame_indices(15, 16, 2, rng), list(range(15)) + [14])
-    np.testing.assert_array_equal(clip_frame_indices(1, 16, 2, rng), np.zeros(16))
+    np.testing.assert_array_equal(pretraining_clip(27, 16, 2, rng), np.arange(16))
+    np.testing.assert_array_equal(pretraining_clip(17, 16, 2, rng), np.arange(16))
+    np.testing.assert_array_equal(pretraining_clip(16, 16, 2, rng), np.arange(16))
+    np.testing.assert_array_equal(pretraining_clip(15, 16, 2, rng), list(range(15)) + [14])
+    np.testing.assert_array_equal(pretraining_clip(1, 16, 2, rng), np.zeros(16))
     with pytest.raises(ValueError, match="0 frames"):
-        clip_frame_indices(0, 16, 2, rng)
+        pretraining_clip(0, 16, 2, rng)
 
 
 # --- what the loader yields -------------------------------------------------------------------------------
@@ -140,6 +142,23 @@ def test_batches_hold_sampled_clips_and_their_occupancy(dataset):
             expected = masking.occupancy_from_region_maps(maps, PATCH, 2, np.array([face_found(i)
                                                                                     for i in indices]))
             np.testing.assert_array_equal(occupancy, expected)
+
+
+def test_decoding_matches_decoding_every_map_of_previously_encoded_shards():
+    # Shards written before used libpng's adaptive row filters; DecodeClip now reads only the tubelets' first
+    # maps. Both must give the pixels, maps and occupancy of decoding everything.
+    rng = np.random.default_rng(0)
+    maps = [np.repeat(np.repeat(rng.integers(0, masking.NUM_LABELS, (8, 8)), 8, 0), 8, 1).astype(np.uint8)
+            for _ in range(16)]
+    found = np.array([index % 3 != 1 for index in range(16)])
+    frames = [codecs.encode_jpeg(frame_image(1, index)) for index in range(16)]
+    expected_occupancy = masking.occupancy_from_region_maps(np.stack(maps), PATCH, 2, has_map=found)
+    previous_png = [cv2.imencode(".png", labels, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes() for labels in maps]
+    for encoded in (previous_png, [codecs.encode_label_map(labels) for labels in maps]):
+        np.testing.assert_array_equal([codecs.decode_label_map(data) for data in encoded], maps)
+        clip = DecodeClip(PATCH, 2).map({"frames_jpeg": frames, "region_maps_png": encoded, "face_found": found})
+        np.testing.assert_array_equal(clip["video"], [codecs.decode_jpeg(data) for data in frames])
+        np.testing.assert_array_equal(clip["occupancy"], expected_occupancy)
 
 
 def test_short_records_are_cut_or_padded(tmp_path):

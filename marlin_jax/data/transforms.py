@@ -2,7 +2,8 @@
 started with `spawn`, can unpickle them).
 
 `SampleClipFrames` keeps only the frames of one training clip, still encoded (cheap to hold in a shuffle
-window); `DecodeClip` then decodes them and turns the region maps into Fasking occupancy.
+window); `DecodeClip` then decodes them and turns the region maps of the tubelets' first frames into Fasking
+occupancy.
 """
 
 import dataclasses
@@ -12,7 +13,7 @@ import numpy as np
 
 from marlin_jax import masking
 from marlin_jax.data import codecs
-from marlin_jax.data.sampling import clip_frame_indices
+from marlin_jax.video import pretraining_clip
 from marlin_jax.data.schema import parse_clip
 
 
@@ -25,7 +26,7 @@ class SampleClipFrames(grain.transforms.RandomMap):
 
     def random_map(self, element: bytes, rng: np.random.Generator) -> dict:
         record = parse_clip(element)
-        indices = clip_frame_indices(record.num_frames, self.num_frames, self.sample_rate, rng)
+        indices = pretraining_clip(record.num_frames, self.num_frames, self.sample_rate, rng)
         return {
             "frames_jpeg": [record.frames_jpeg[i] for i in indices],
             "region_maps_png": [record.region_maps_png[i] for i in indices],
@@ -42,9 +43,14 @@ class DecodeClip(grain.transforms.Map):
 
     def map(self, element: dict) -> dict:
         video = np.stack([codecs.decode_jpeg(data) for data in element["frames_jpeg"]])
-        region_maps = np.stack([codecs.decode_label_map(data) for data in element["region_maps_png"]])
-        if region_maps.shape != video.shape[:3]:
-            raise ValueError(f"region maps {region_maps.shape} do not match frames {video.shape}")
-        occupancy = masking.occupancy_from_region_maps(region_maps, self.patch_size, self.tubelet_size,
-                                                       has_map=element["face_found"])
+        if len(video) % self.tubelet_size or len(element["region_maps_png"]) != len(video):
+            raise ValueError(f"{len(video)} frames and {len(element['region_maps_png'])} region maps do not make "
+                             f"whole tubelets of {self.tubelet_size} frames")
+        # Fasking reads only each tubelet's first map, so only those are decoded.
+        first_maps = np.stack([codecs.decode_label_map(data)
+                               for data in element["region_maps_png"][::self.tubelet_size]])
+        if first_maps.shape[1:] != video.shape[1:3]:
+            raise ValueError(f"region maps {first_maps.shape[1:]} do not match frames {video.shape[1:3]}")
+        occupancy = masking.occupancy_from_region_maps(first_maps, self.patch_size, tubelet_size=1,
+                                                       has_map=element["face_found"][::self.tubelet_size])
         return {"video": video, "occupancy": occupancy}
