@@ -15,7 +15,6 @@ from marlin_jax.architectures import VIT_TINY
 from marlin_jax.training import checkpoints
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-torch = pytest.importorskip("torch")
 
 
 def write_training_checkpoint(workdir: pathlib.Path, model: Marlin, step: int) -> None:
@@ -49,7 +48,7 @@ def test_facade_refuses_a_checkpoint_of_another_architecture(trained_workdir):
         Marlin.from_file("marlin_vit_small_ytf", workdir)
 
 
-def test_export_cli_writes_files_marlin_pytorch_loads(trained_workdir, marlin_pytorch, tmp_path):
+def test_export_cli_writes_files_marlin_pytorch_loads(trained_workdir, marlin_pytorch, torch, tmp_path):
     workdir, model = trained_workdir
     result = subprocess.run([sys.executable, "-m", "marlin_jax.export", f"--workdir={workdir}",
                              f"--output={tmp_path / 'exported'}"], cwd=REPO_ROOT, capture_output=True, text=True)

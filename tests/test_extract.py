@@ -26,8 +26,12 @@ from marlin_jax.extraction import (
 )
 from marlin_jax.video import VideoDecodeError, extraction_windows, video_windows
 
-torch = pytest.importorskip("torch")
-from torch_reference import build_torch_marlin  # noqa: E402  (needs torch)
+try:  # only the tests that use torch need it: they ask for a torch fixture, which skips without it
+    import torch
+    from torch_reference import build_torch_marlin
+except ImportError:
+    pass
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_224 = dataclasses.replace(VIT_TINY, img_size=224)
 # (sample_rate, stride) pairs; the official default first.
@@ -161,9 +165,7 @@ def test_sample_videos_match_official_extract_video(official, samples_dir, tmp_p
         expected = torch_model.extract_video(str(result.path)).numpy()
         assert result.error is None
         assert result.features.shape == expected.shape, result.path.name
-        cosine = (result.features * expected).sum(1) / np.linalg.norm(result.features, axis=1) / np.linalg.norm(
-            expected, axis=1)
-        assert cosine.min() >= 0.999, result.path.name
+        np.testing.assert_allclose(result.features, expected, rtol=0, atol=1e-4, err_msg=result.path.name)
 
 
 def test_resizes_frames_that_are_not_img_size(tmp_path):
@@ -239,7 +241,7 @@ def test_bad_options(field, value):
         ExtractionOptions(**{field: value})
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(torch, tmp_path):
     """The module as a user runs it: config-file model, .pt weights, a folder with sub-folders and a bad file."""
     config = tmp_path / "tiny.py"
     config.write_text("import ml_collections\nfrom marlin_jax.architectures import VIT_TINY\n\n\n"

@@ -155,7 +155,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(colour_csv, straig
     jax.tree_util.tree_map(np.testing.assert_array_equal, ours.generator, theirs.generator)
 
 
-def test_init_from_official_pt_loads_the_encoder(colour_csv, straight_run, tmp_path):
+def test_init_from_official_pt_loads_the_encoder(colour_csv, straight_run, torch, tmp_path):
     """The fine-tuned encoder, written as an official marlin_pytorch `.pt`, is the next run's start."""
     config = tiny_config(colour_csv)
     arch = MarlinArchitecture.from_dict(config.model.to_dict())

@@ -171,7 +171,7 @@ def test_two_processes_train_and_checkpoint(demo_shards, tmp_path):
     assert sorted(read_metrics(tmp_path)) == [1, 2]
 
 
-def test_init_from_official_weights(demo_shards, tmp_path):
+def test_init_from_official_weights(demo_shards, torch, tmp_path):
     import jax
     from marlin_jax import Marlin
     from marlin_jax.architectures import MarlinArchitecture
