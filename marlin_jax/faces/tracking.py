@@ -28,10 +28,10 @@ from marlin_jax.faces.landmarks import FaceLandmarker, RotatedSquare, roi_from_b
 MIN_LANDMARK_PRESENCE = 0.5
 # MediaPipe's FaceMesh default (min_tracking_confidence).
 MIN_TRACKING_PRESENCE = 0.5
-# On the ten sample videos, against the detector on every frame: every 3rd frame gave a region-map
-# agreement of 0.975 (landmarks 0.26 px apart, median) at 1.4x the per-frame path's frames per CPU-second;
-# every 4th 0.969, every 8th 0.955 (0.60 px) at 1.5x. The per-frame path agrees with itself on the same
-# videos moved by one pixel to 0.949 (0.69 px): below that, differences are the detector's own jitter.
+# On the ten sample videos, against the detector on every frame: with the detector on every 3rd frame the
+# region maps agree to 0.975 and the landmarks to 0.26 px (median); every 4th, 0.969; every 8th, 0.955 and
+# 0.60 px. The per-frame path agrees with itself, on the same videos moved by one pixel, to 0.949 and
+# 0.69 px: what is left is mostly the detector's own jitter (benchmarks/faces_tracking_quality.py).
 DEFAULT_REDETECT_EVERY = 3
 
 _RIGHT_EYE = sorted({edge.start for edge in Mesh.FACE_LANDMARKS_RIGHT_EYE})
