@@ -147,7 +147,7 @@ def pretrain_config(architecture: MarlinArchitecture, model_name: str, variant: 
     config.evals = ml_collections.ConfigDict()
     config.evals.val = dict(type="reconstruction", every=1000, path="", split="val", max_clips=256,
                             batch_size=0, images=1)
-    config.evals.probe = dict(type="linear_probe", every=5000, csv="", task="binary", num_classes=0,
+    config.evals.probe = dict(type="linear_probe", every=5000, csv="", name="", task="binary", num_classes=0,
                               select_metric="auc", batch_size=0)
     # <workdir>/best holds the checkpoint with the lowest val/loss (the official ModelCheckpoint monitor).
     config.best_metric = "val/loss"

@@ -95,7 +95,9 @@ def read_records(workdir: pathlib.Path) -> list[dict]:
 
 
 def val_by_step(workdir: pathlib.Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_records(workdir) if "val/acc" in r}
+    """step -> the validation values logged at that step (the LAST row for it)."""
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("val/")} for r in read_records(workdir)
+            if "val/acc" in r}
 
 
 def test_learns_the_planted_colour(straight_run):

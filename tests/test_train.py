@@ -66,9 +66,16 @@ def run_train(workdir, data_path, *overrides: str, env=None, timeout=600) -> sub
     return result
 
 
-def test_tiny_pretraining_writes_everything(demo_shards, tmp_path):
-    config = tiny_config(demo_shards, total_steps=4, log_every=2, checkpoint_every=2, **{"evals.val.every": 2})
-    final = train_and_evaluate(config, tmp_path)
+@pytest.fixture(scope="module")
+def tiny_run(demo_shards, tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    config = tiny_config(demo_shards, total_steps=4, log_every=2, checkpoint_every=2, profile_steps="2,1",
+                         **{"evals.val.every": 2})
+    return workdir, train_and_evaluate(config, workdir)
+
+
+def test_tiny_pretraining_writes_everything(tiny_run):
+    tmp_path, final = tiny_run
     assert np.isfinite(final["rec_loss"])
     records = read_metrics(tmp_path)
     assert sorted(records) == [2, 4]
@@ -83,6 +90,20 @@ def test_tiny_pretraining_writes_everything(demo_shards, tmp_path):
     assert checkpoints.restore_params(tmp_path / "best").step == best_step
     saved_config = json.loads((tmp_path / "config.json").read_text())
     assert saved_config["config"]["batch_size"] == 4 and saved_config["resolved"]["total_steps"] == 4
+    # profile_steps="2,1": a trace of step 2 that TensorBoard's profile plugin opens.
+    assert list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+
+
+def test_export_best_writes_the_best_checkpoint(tiny_run, marlin_pytorch):
+    workdir, _ = tiny_run
+    best = checkpoints.restore_params(workdir / "best")
+    result = subprocess.run([sys.executable, "-m", "marlin_jax.export", f"--workdir={workdir}", "--best",
+                             f"--output={workdir / 'exported'}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stem = workdir / "exported" / f"marlin_vit_small_tiny_step{best.step}_best"
+    import torch
+    state = torch.load(stem.with_suffix(".pt"), weights_only=True)
+    np.testing.assert_array_equal(state["encoder.norm.weight"].numpy(), best.generator["encoder"]["norm"]["scale"])
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(demo_shards, tmp_path):

@@ -11,7 +11,7 @@ visible pixels, a floor that a model which has learned nothing about faces does 
 `linear_probe`: a labelled CSV of face videos (`path,split,label...`, configs/probe/csv.py's format with videos
 instead of features). One clip per video (the fine-tuning evaluation clip, seeded) is encoded by the current
 encoder, a convex probe is fitted on train with its L2 strength chosen on val, and the test split's
-`probe/<name>/auc` and `probe/<name>/acc` are logged.
+`probe/<name>/auc` and `probe/<name>/acc` are logged (`name`: the block's `name` field, else its config key).
 
 Both run on every host: each decodes its rows of every global batch, the model runs sharded as in training,
 and only replicated results are fetched.
@@ -192,7 +192,7 @@ class LinearProbeEvaluator:
     """A convex linear probe on the current encoder's features of a labelled video CSV; see the module docstring."""
 
     def __init__(self, name: str, block, *, config, settings: StepSettings, mesh: jax.sharding.Mesh, **_):
-        self.name, self.every = name, int(block.get("every", 0))
+        self.name, self.every = block.get("name") or name, int(block.get("every", 0))
         self.mesh, self.arch = mesh, settings.arch
         self.select_metric = block.get("select_metric", "auc")
         csv = block["csv"]

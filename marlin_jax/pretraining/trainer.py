@@ -59,13 +59,17 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
 
 
 def schedule_lengths(config) -> tuple[int, int]:
-    """(steps_per_epoch, total_steps) from the manifest's clip count, failing before anything compiles."""
+    """(steps_per_epoch, total_steps) from the manifest's clip count, failing before anything compiles.
+
+    An epoch is ceil(clips / batch_size) steps, the official `len(train_dataloader())` (its DataLoader keeps the
+    last partial batch), so warm-up and cosine land where the official schedule puts them. The input pipeline
+    itself streams without epoch boundaries."""
     manifest = shards.load_manifest(config.data.path)
     shards.split_shard_paths(config.data.path, config.data.train_split)  # unfinished or absent: a clear error
     clips = sum(s["num_records"] for s in manifest["shards"] if s["split"] == config.data.train_split)
     if clips == 0:
         raise ValueError(f"{config.data.path} has no clips in split {config.data.train_split!r}")
-    steps_per_epoch = config.steps_per_epoch or max(1, clips // config.batch_size)
+    steps_per_epoch = config.steps_per_epoch or -(-clips // config.batch_size)
     total_steps = config.total_steps or config.num_epochs * steps_per_epoch
     warmup_steps = config.learning_rate.warmup_epochs * steps_per_epoch
     if total_steps <= warmup_steps:

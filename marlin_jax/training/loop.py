@@ -137,12 +137,12 @@ class _Throughput:
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+        self.start, self.steps, self.data_wait, self.excluded = time.perf_counter(), 0, 0.0, 0.0
 
     def report(self) -> dict[str, float]:
         if not self.steps:
             return {}
-        elapsed = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start - self.excluded
         values = {"clips_per_s": self.steps * self.global_batch_size / elapsed, "step_time_s": elapsed / self.steps,
                   "data_wait_s": self.data_wait / self.steps}
         self.reset()
@@ -201,12 +201,14 @@ def _run(trainer: Trainer, manager, best: checkpoints.BestRecord | None) -> Loop
                 last_values = values
                 progress.set_postfix({k: f"{values[k]:.4g}" for k in PROGRESS_KEYS if k in values})
             ended = is_last and stopped_by != "preempted"
+            evaluation_start = time.perf_counter()
             for evaluator in trainer.evaluators:
                 if is_due(evaluator, done, ended):
                     evaluation = evaluator.evaluate(trainer.state, done)
                     values.update(evaluation.scalars)
                     for image_name, grid in evaluation.images.items():
                         reporter.image(done, image_name, grid)
+            throughput.excluded += time.perf_counter() - evaluation_start  # clips/s counts training alone
             best = _keep_best(trainer, best, values, done)
             reporter.record(done, values)
             if done % cadence.checkpoint_every == 0 or is_last:
