@@ -75,40 +75,131 @@ def unpatchify(patches: jax.Array, grid: tuple[int, int, int], tubelet_size: int
 
 
 def gather_tokens(tokens: jax.Array, indices: jax.Array) -> jax.Array:
-    """tokens (B, N, D), indices (B, K) -> (B, K, D)."""
-    return jnp.take_along_axis(tokens, indices[..., None], axis=1)
+    """tokens (B, N, D), indices (B, K) in [0, N) -> (B, K, D).
+
+    The indices come from `marlin_jax.masking.mask_to_indices`, always in range, so the gather skips the
+    out-of-range fill pass (a select over the whole output) that the default mode adds."""
+    return jnp.take_along_axis(tokens, indices[..., None], axis=1, mode="promise_in_bounds")
 
 
+# Queries per step of the CPU attention: one frame's tokens, so a step's (heads, chunk, N) weights stay in cache.
 CPU_QUERY_CHUNK = 196
 
 
-def _einsum_attention(q, k, v, scale: float):
-    # q is pre-scaled, as the official Attention does; logits and softmax in float32.
-    logits = jnp.einsum("bqhe,bkhe->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
-    return jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+def _query_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """(B, H, N, E) -> (N / chunk, B, H, chunk, E)."""
+    b, h, n, e = x.shape
+    return x.reshape(b, h, n // chunk, chunk, e).transpose(2, 0, 1, 3, 4)
+
+
+def _merge_query_chunks(x: jax.Array) -> jax.Array:
+    c, b, h, q, e = x.shape
+    return x.transpose(1, 2, 0, 3, 4).reshape(b, h, c * q, e)
+
+
+def _softmax_weights(q, k):
+    """Unnormalised softmax weights exp(logits - row max) of one query chunk, in float32. Written so that XLA:CPU
+    fuses the max and the exp into the QK^T matmul: the (chunk, N) logits are never written out."""
+    logits = jnp.einsum("bhqe,bhke->bhqk", q, k, preferred_element_type=jnp.float32)
+    return jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+
+
+def _attend_chunk(q, k, v):
+    """One query chunk: (out, softmax denominators). The output is normalised after the value matmul, which
+    divides (chunk, E) values instead of the (chunk, N) weights."""
+    weights = _softmax_weights(q, k)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhke->bhqe", weights.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+    return out.astype(v.dtype), total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cpu_attention(q, k, v, chunk: int):
+    return _merge_query_chunks(jax.lax.map(lambda c: _attend_chunk(c, k, v)[0], _query_chunks(q, chunk)))
+
+
+def _cpu_attention_forward(q, k, v, chunk):
+    out, totals = jax.lax.map(lambda c: _attend_chunk(c, k, v), _query_chunks(q, chunk))
+    out = _merge_query_chunks(out)
+    return out, (q, k, v, out, totals)
+
+
+def _cpu_attention_backward(chunk, residuals, d_out):
+    """Flash attention's backward, one query chunk at a time: each chunk's probabilities are recomputed (the
+    QK^T matmul again) from the saved softmax denominators, instead of (B, H, N, N) probabilities being
+    stored, stacked and read back."""
+    q, k, v, out, totals = residuals
+    # sum_e dO * O per query: the softmax backward's row term, computed once for all chunks.
+    row_dots = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+
+    def one_chunk(carry, chunk_values):
+        d_k, d_v = carry
+        q_c, d_out_c, row_dot, total = chunk_values
+        probs = _softmax_weights(q_c, k) / total
+        d_v = d_v + jnp.einsum("bhqk,bhqe->bhke", probs.astype(d_out_c.dtype), d_out_c,
+                               preferred_element_type=jnp.float32)
+        d_probs = jnp.einsum("bhqe,bhke->bhqk", d_out_c, v, preferred_element_type=jnp.float32)
+        d_logits = (probs * (d_probs - row_dot)).astype(q.dtype)
+        d_q = jnp.einsum("bhqk,bhke->bhqe", d_logits, k, preferred_element_type=jnp.float32).astype(q.dtype)
+        d_k = d_k + jnp.einsum("bhqk,bhqe->bhke", d_logits, q_c, preferred_element_type=jnp.float32)
+        return (d_k, d_v), d_q
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    chunks = (_query_chunks(q, chunk), _query_chunks(d_out, chunk), _query_chunks(row_dots, chunk), totals)
+    (d_k, d_v), d_q = jax.lax.scan(one_chunk, (zeros, zeros), chunks)
+    return _merge_query_chunks(d_q), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+_cpu_attention.defvjp(_cpu_attention_forward, _cpu_attention_backward)
+
+
+def _cpu_query_chunk(num_tokens: int) -> int:
+    return CPU_QUERY_CHUNK if num_tokens % CPU_QUERY_CHUNK == 0 else num_tokens
+
+
+def _accelerator_attention(q, k, v, scale: float, implementation: str | None):
+    # dot_product_attention takes (B, N, H, E); XLA folds these transposes into the neighbouring matmuls.
+    q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    return out.swapaxes(1, 2)
+
+
+@functools.cache
+def _cudnn_attention_available() -> bool:
+    """Whether this process can build cuDNN's fused attention (JAX raises on a machine without cuDNN)."""
+    probe = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+    try:
+        jax.eval_shape(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"), probe, probe, probe)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
+    return True
+
+
+def gpu_attention_implementation(dtype, head_dim: int) -> str:
+    """What `attention` runs on NVIDIA GPUs: cuDNN's fused flash attention where it applies (16-bit floats,
+    head_dim a multiple of 8 up to 128, cuDNN present), XLA's softmax(QK^T)V otherwise (e.g. float32)."""
+    supported = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if supported and _cudnn_attention_available() else "xla"
 
 
 def attention(q, k, v, scale: float):
-    """(B, N, H, E) softmax attention.
+    """Softmax attention over (B, H, N, E) head-major arrays; q is not yet scaled.
 
-    Accelerators get `jax.nn.dot_product_attention`, the one place to switch to a fused kernel. On XLA:CPU that
-    call fuses its softmax (and, worse, the softmax's backward) with the matmuls into slow library fusions and
-    materialises the whole (B, H, N, N) logits, 59 MB per ViT-S clip. There, plain einsums around
-    `jax.nn.softmax`, mapped over query chunks of one frame's tokens, give the same values and made the ViT-B
-    pretraining step 1.5x and feature extraction 1.25-1.6x faster (benchmarks/*_throughput.py).
+    CPU: the queries run in chunks of one frame (`CPU_QUERY_CHUNK`) through plain einsums, the softmax
+    normalised after the value matmul, and a custom backward that recomputes each chunk's probabilities from
+    the saved denominators. XLA:CPU then fuses each chunk's QK^T matmul with its max and exp, and never
+    materialises the (B, H, N, N) logits (59 MB per ViT-S clip) that `jax.nn.dot_product_attention` writes
+    and re-reads.
+    NVIDIA GPUs: `jax.nn.dot_product_attention` with `gpu_attention_implementation`; TPUs and others: its
+    XLA implementation.
     """
-    full = functools.partial(jax.nn.dot_product_attention, scale=scale)
-    on_cpu = functools.partial(_einsum_attention, scale=scale)
-
-    def query_chunks(q, k, v):
-        b, n, h, e = q.shape
-        if n % CPU_QUERY_CHUNK or n == CPU_QUERY_CHUNK:
-            return on_cpu(q, k, v)
-        chunks = q.reshape(b, n // CPU_QUERY_CHUNK, CPU_QUERY_CHUNK, h, e).swapaxes(0, 1)
-        out = jax.lax.map(lambda chunk: on_cpu(chunk, k, v), chunks)
-        return out.swapaxes(0, 1).reshape(b, n, h, e)
-
-    return jax.lax.platform_dependent(q, k, v, cpu=query_chunks, default=full)
+    # platform_dependent traces every branch, so the cuDNN choice must also hold where cuDNN is absent.
+    gpu_implementation = gpu_attention_implementation(q.dtype, q.shape[-1])
+    return jax.lax.platform_dependent(
+        q, k, v,
+        cpu=lambda q, k, v: _cpu_attention(q * jnp.asarray(scale, q.dtype), k, v, _cpu_query_chunk(q.shape[2])),
+        cuda=functools.partial(_accelerator_attention, scale=scale, implementation=gpu_implementation),
+        default=functools.partial(_accelerator_attention, scale=scale, implementation="xla"))
 
 
 def _param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...], axes: tuple):
@@ -137,19 +228,23 @@ class Attention(nn.Module):
         head_dim = dim // self.num_heads
         qkv_kernel = _param(self, "qkv", _xavier(in_axis=0, out_axis=(1, 2, 3)),
                             (dim, 3, self.num_heads, head_dim), ("embed", None, "heads", "head_dim"))
-        qkv = jnp.einsum("bnd,dkhe->kbnhe", x, qkv_kernel.astype(self.dtype))
+        # Head-major (B, H, N, E): every attention matmul then has its batch dimensions first and needs no
+        # transposed copy on the CPU.
+        qkv = jnp.einsum("bnd,dkhe->kbhne", x, qkv_kernel.astype(self.dtype))
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.qkv_bias:
             bias_axes = ("heads", "head_dim")
-            q = q + _param(self, "q_bias", nn.initializers.zeros, (self.num_heads, head_dim), bias_axes).astype(self.dtype)
-            v = v + _param(self, "v_bias", nn.initializers.zeros, (self.num_heads, head_dim), bias_axes).astype(self.dtype)
-        q, k, v = (nn.with_logical_constraint(a, ("batch", "length", "heads", "head_dim")) for a in (q, k, v))
+            q_bias = _param(self, "q_bias", nn.initializers.zeros, (self.num_heads, head_dim), bias_axes)
+            v_bias = _param(self, "v_bias", nn.initializers.zeros, (self.num_heads, head_dim), bias_axes)
+            q = q + q_bias.astype(self.dtype)[:, None]
+            v = v + v_bias.astype(self.dtype)[:, None]
+        q, k, v = (nn.with_logical_constraint(a, ("batch", "heads", "length", "head_dim")) for a in (q, k, v))
         scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
         out = attention(q, k, v, scale)
         out_kernel = _param(self, "proj", _xavier(in_axis=(0, 1), out_axis=2),
                             (self.num_heads, head_dim, dim), ("heads", "head_dim", "embed"))
         out_bias = _param(self, "proj_bias", nn.initializers.zeros, (dim,), ("embed",))
-        out = jnp.einsum("bnhe,hed->bnd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+        out = jnp.einsum("bhne,hed->bnd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
 
@@ -172,6 +267,27 @@ class Dense(nn.Module):
         return y
 
 
+@jax.custom_vjp
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """torch's nn.GELU, x * (1 + erf(x / sqrt(2))) / 2. `nn.gelu(approximate=False)` goes through erfc, whose
+    piecewise approximation XLA:CPU runs about twice as slowly as erf's single rational one; the custom
+    gradient keeps only x for the backward, one fused pass, where autodiff also stores and re-reads erf."""
+    return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(2 ** -0.5, x.dtype)))
+
+
+def _exact_gelu_forward(x):
+    return exact_gelu(x), x
+
+
+def _exact_gelu_backward(x, grad):
+    cdf = 0.5 * (1 + jax.lax.erf(x * np.asarray(2 ** -0.5, x.dtype)))
+    pdf = jnp.exp(-0.5 * x * x) * np.asarray((2 * np.pi) ** -0.5, x.dtype)
+    return (grad * (cdf + x * pdf),)
+
+
+exact_gelu.defvjp(_exact_gelu_forward, _exact_gelu_backward)
+
+
 class MlpBlock(nn.Module):
     hidden_dim: int
     dtype: Dtype = jnp.float32
@@ -181,7 +297,7 @@ class MlpBlock(nn.Module):
         dim = x.shape[-1]
         h = Dense(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        h = nn.gelu(h, approximate=False)  # torch nn.GELU is the exact erf form
+        h = exact_gelu(h)
         return Dense(dim, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
 
