@@ -9,6 +9,7 @@ from marlin_jax import Marlin
 from marlin_jax.architectures import VIT_SMALL, VIT_TINY, MarlinArchitecture
 from marlin_jax.interop import export_state_dict, import_state_dict
 from marlin_jax.interop.torch_files import marlin_pytorch_yaml
+from marlin_jax.model import CPU_QUERY_CHUNK, attention
 
 try:  # only the tests that use torch need it: they ask for a torch fixture, which skips without it
     import torch
@@ -199,6 +200,22 @@ def test_not_a_checkpoint(torch, tmp_path):
         Marlin.from_file("marlin_vit_small_ytf", other)
     with pytest.raises(FileNotFoundError):
         Marlin.from_file("marlin_vit_small_ytf", tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("tokens", [156, 2 * CPU_QUERY_CHUNK], ids=["one_query_chunk", "two_query_chunks"])
+def test_attention_and_its_gradient_match_torch(torch, tokens):
+    """The CPU attention (query chunks, custom backward) against the official Attention's formula under torch
+    autograd. The models above have a single chunk (tiny) or are compared forward only."""
+    import jax
+    q, k, v, d_out = np.random.default_rng(16).standard_normal((4, 2, 3, tokens, 16), dtype=np.float32)
+    scale = 16 ** -0.5
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    expected = torch.softmax((tq * scale) @ tk.transpose(-2, -1), dim=-1) @ tv
+    expected.backward(torch.from_numpy(d_out))
+    out, pull_back = jax.vjp(lambda q, k, v: attention(q, k, v, scale), q, k, v)
+    np.testing.assert_allclose(np.asarray(out), expected.detach().numpy(), rtol=0, atol=TOLERANCE)
+    for name, ours, theirs in zip("qkv", pull_back(d_out), (tq, tk, tv)):
+        np.testing.assert_allclose(np.asarray(ours), theirs.grad.numpy(), rtol=0, atol=TOLERANCE, err_msg=name)
 
 
 def test_unexpected_tensor_is_an_error(marlin_pytorch, tmp_path):
