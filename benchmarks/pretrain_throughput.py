@@ -1,4 +1,4 @@
-"""Pretraining clips/s: marlin_jax's train step beside the official PyTorch MARLIN iteration, in one run.
+"""Pretraining clips/s and MFU: marlin_jax's train step beside the official PyTorch MARLIN iteration, in one run.
 
     python benchmarks/pretrain_throughput.py                                  # CPU, ViT-S and ViT-B, batch 2
     python benchmarks/pretrain_throughput.py --sizes small --steps 5 --rounds 3
@@ -6,16 +6,15 @@
 
 Both sides train the same architecture on the same random clips with 156 of 1568 tokens visible (random
 masks), two AdamW optimisers (betas 0.9/0.95, eps 1e-8, no weight decay), adversarial weight 0.01:
-- JAX: `marlin_jax.pretraining.step.make_train_step`, jitted once (its compile also gives XLA's FLOP count).
+- JAX: `marlin_jax.pretraining.step.make_train_step`, jitted once.
 - PyTorch: the real `marlin_pytorch.Marlin(as_feature_extractor=False)` and the official discriminator
   `MLP([patch_dim, decoder_embed_dim * mlp_ratio, 1], LeakyReLU)`, stepped as the official Lightning module
   does: forward, D loss on the non-detached prediction, D step; zero G grads; forward again, G step.
-Timed rounds alternate between the two, so a change in the machine's load hits both. A 2048x2048 matmul in
-each framework gives the compute ceiling that the achieved GFLOP/s are compared with. Achieved GFLOP/s count
-matmul FLOPs from the closed form in `matmul_flops_per_clip` for both sides (it equals torch's FLOP counter
-exactly); XLA's own count is reported beside it, but XLA counts a loop body once, so it misses most of the
-CPU attention that `marlin_jax.model.attention` maps over query chunks. Prints one JSON object on stdout;
-progress goes to stderr.
+Timed rounds alternate between the two, so a change in the machine's load hits both. MFU (benchmarks/mfu.py)
+divides each side's achieved model FLOP/s by its own framework's 2048x2048 matmul rate, measured before and
+after the runs. Model FLOPs are counted from the architecture for both sides; XLA's count (the step lowered
+for TPU) and torch's FLOP counter (one official iteration) are printed beside them as cross-checks. Prints
+one JSON object on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import os
 import sys
 import time
 import types
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,9 @@ import torch
 from marlin_jax.architectures import VIT_BASE, VIT_SMALL, MarlinArchitecture
 from marlin_jax.pretraining.state import init_train_state, make_optimizer
 from marlin_jax.pretraining.step import StepSettings, make_train_step
+
+sys.path.insert(0, str(Path(__file__).parent))
+import mfu  # noqa: E402  (benchmarks/ is not a package)
 
 SIZES = {"small": VIT_SMALL, "base": VIT_BASE}
 VISIBLE_RATIO = 0.1
@@ -67,35 +70,10 @@ def import_marlin_pytorch():
     return marlin_pytorch
 
 
-def jax_matmul_gflops(n: int, dtype, repeats: int = 8) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    matmul = jax.jit(jnp.dot)
-    matmul(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
-
-
-def torch_matmul_gflops(n: int, dtype, device: str, repeats: int = 8) -> float:
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    torch.mm(a, a)
-    best = float("inf")
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, a)
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
-
-
 def measure_peaks(args) -> dict[str, float]:
-    """Best-of-8 GFLOP/s of one square matmul in each framework (measured before and after the runs)."""
-    return {"jax": jax_matmul_gflops(args.peak_size, args.jax_dtype),
-            "torch": torch_matmul_gflops(args.peak_size, args.torch_dtype, args.torch_device)}
+    """GFLOP/s of one square matmul in each framework (best of 8)."""
+    return {"jax": mfu.jax_matmul_gflops(args.peak_size, args.jax_dtype),
+            "torch": mfu.torch_matmul_gflops(args.peak_size, args.torch_dtype, args.torch_device)}
 
 
 def _rounded(gflops: dict[str, float]) -> dict[str, float]:
@@ -105,32 +83,6 @@ def _rounded(gflops: dict[str, float]) -> dict[str, float]:
 def _synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def matmul_flops_per_clip(arch: MarlinArchitecture, num_visible: int) -> dict[str, float]:
-    """Matmul FLOPs (2 per multiply-add) per clip of one JAX step and one official iteration.
-
-    A matmul's backward costs twice its forward (input and weight gradients), except the patch embedding,
-    whose input (the video) needs no gradient. The official iteration runs the generator forward and
-    backward twice and embeds all tokens before dropping the masked ones; its D backward also reaches the
-    prediction. The JAX step runs the generator once, embeds visible tokens only, and takes D's weight
-    gradients on the detached prediction and then only input gradients for the generator's adversarial term.
-    """
-    n, nv = arch.num_tokens, num_visible
-    nm, p, hidden = n - nv, arch.patch_dim, arch.discriminator_hidden_dim
-
-    def blocks(depth, tokens, dim, mlp):
-        return depth * (2 * tokens * (4 * dim * dim + 2 * dim * mlp) + 4 * tokens * tokens * dim)
-
-    trunk = (blocks(arch.encoder_depth, nv, arch.encoder_embed_dim, arch.mlp_dim)
-             + 2 * nv * arch.encoder_embed_dim * arch.decoder_embed_dim
-             + blocks(arch.decoder_depth, n, arch.decoder_embed_dim, arch.decoder_mlp_dim)
-             + 2 * nm * arch.decoder_embed_dim * p)
-    embed_visible, embed_all = 2 * nv * p * arch.encoder_embed_dim, 2 * n * p * arch.encoder_embed_dim
-    critic = 2 * nm * (p * hidden + hidden)  # one pass of D over one clip's predicted (or real) patches
-    jax_step = 3 * trunk + 2 * embed_visible + 6 * critic
-    official = 6 * trunk + 2 * 2 * embed_all + 9 * critic
-    return {"generator_forward": trunk + embed_visible, "jax_step": jax_step, "official_iteration": official}
 
 
 class JaxTrainer:
@@ -146,13 +98,10 @@ class JaxTrainer:
         self.keys = list(jax.random.split(jax.random.key(1), 64))
         self.calls = 0
         start = time.perf_counter()
-        lowered = jax.jit(make_train_step(self.settings, g_tx, d_tx, schedule), donate_argnums=0).lower(
-            self.state, self.batch, self.keys[0])
-        self.step_fn = lowered.compile()
+        jitted = jax.jit(make_train_step(self.settings, g_tx, d_tx, schedule), donate_argnums=0)
+        self.step_fn = jitted.lower(self.state, self.batch, self.keys[0]).compile()
         self.compile_s = time.perf_counter() - start
-        cost = self.step_fn.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        self.xla_flops = float(cost["flops"])
+        self.xla_flops = mfu.xla_flops(jitted, self.state, self.batch, self.keys[0])
 
     def run(self, steps: int) -> float:
         start = time.perf_counter()
@@ -245,12 +194,17 @@ def random_batch(arch: MarlinArchitecture, batch_size: int) -> dict[str, np.ndar
             "occupancy": np.ones((batch_size, t, h, w, 11), bool)}  # random masks use only its shape
 
 
-def framework_result(seconds: list[float], steps: int, batch_size: int, flops_per_clip: float) -> dict:
+def framework_result(seconds: list[float], steps: int, batch_size: int, flops_per_clip: float,
+                     peak_gflops: float) -> dict:
+    """Mean and best-round clips/s, with the GFLOP/s and MFU of each (interference only slows a round)."""
     clips_per_s = len(seconds) * steps * batch_size / sum(seconds)
     per_round = [steps * batch_size / s for s in seconds]
     return {"clips_per_s": round(clips_per_s, 4), "clips_per_s_per_round": [round(r, 4) for r in per_round],
             "clips_per_s_best_round": round(max(per_round), 4),
-            "achieved_gflops": round(clips_per_s * flops_per_clip / 1e9, 2)}
+            "model_flops_per_clip": flops_per_clip,
+            "achieved_gflops": round(clips_per_s * flops_per_clip / 1e9, 2),
+            "mfu": round(mfu.mfu(clips_per_s, flops_per_clip, peak_gflops), 3),
+            "mfu_best_round": round(mfu.mfu(max(per_round), flops_per_clip, peak_gflops), 3)}
 
 
 def timed_rounds(name: str, args, jax_trainer: JaxTrainer, torch_trainer: OfficialIteration):
@@ -266,7 +220,7 @@ def timed_rounds(name: str, args, jax_trainer: JaxTrainer, torch_trainer: Offici
     return jax_seconds, torch_seconds
 
 
-def benchmark_size(name: str, args, marlin_pytorch) -> dict:
+def benchmark_size(name: str, args, marlin_pytorch, peaks_before: dict[str, float]) -> dict:
     arch = SIZES[name]
     batch = random_batch(arch, args.batch_size)
     log(f"[{name}] compiling the JAX step")
@@ -277,28 +231,27 @@ def benchmark_size(name: str, args, marlin_pytorch) -> dict:
     log(f"[{name}] warm-up: {args.warmup} step(s) each (the first PyTorch step under the FLOP counter)")
     torch_counted_flops = torch_trainer.counted_step() / args.batch_size
     jax_seconds, torch_seconds = timed_rounds(name, args, jax_trainer, torch_trainer)
-    analytic = matmul_flops_per_clip(arch, num_visible)
-    xla_flops = jax_trainer.xla_flops / args.batch_size
-    jax_result = framework_result(jax_seconds, args.steps, args.batch_size, analytic["jax_step"])
+    # The peak right after this size's rounds, with the one before all sizes: the better of the two counts.
+    peaks = {k: max(v, peaks_before[k]) for k, v in measure_peaks(args).items()}
+    flops = mfu.pretraining_flops(arch, num_visible)
     result = {
         "visible_tokens_per_clip": f"{num_visible} of {arch.num_tokens}",
-        "jax": {**jax_result, "analytic_matmul_flops_per_clip": analytic["jax_step"],
-                "xla_flops_per_clip": xla_flops,
-                "achieved_gflops_by_xla_count": round(jax_result["clips_per_s"] * xla_flops / 1e9, 2),
+        "matmul_peak_gflops": _rounded(peaks),
+        "jax": {**framework_result(jax_seconds, args.steps, args.batch_size, flops["jax_step"], peaks["jax"]),
+                "xla_flops_per_clip": jax_trainer.xla_flops / args.batch_size,
                 "compile_s": round(jax_trainer.compile_s, 1)},
-        "torch": {**framework_result(torch_seconds, args.steps, args.batch_size, analytic["official_iteration"]),
-                  "analytic_matmul_flops_per_clip": analytic["official_iteration"],
+        "torch": {**framework_result(torch_seconds, args.steps, args.batch_size, flops["official_iteration"],
+                                     peaks["torch"]),
                   "flop_counter_flops_per_clip": torch_counted_flops},
-        "generator_forward_matmul_flops_per_clip": analytic["generator_forward"],
-        "forward_equivalents": {"jax": round(analytic["jax_step"] / analytic["generator_forward"], 2),
-                                "torch": round(analytic["official_iteration"] / analytic["generator_forward"], 2)},
+        "generator_forward_flops_per_clip": flops["generator_forward"],
+        "forward_equivalents": {"jax": round(flops["jax_step"] / flops["generator_forward"], 2),
+                                "torch": round(flops["official_iteration"] / flops["generator_forward"], 2)},
     }
     result["jax_over_torch"] = round(result["jax"]["clips_per_s"] / result["torch"]["clips_per_s"], 3)
     # On a shared CPU the OpenMP threads of PyTorch lose far more to other load than XLA's pool does; the
     # ratio of the best rounds is the closer estimate of an idle machine.
     result["jax_over_torch_best_rounds"] = round(
         result["jax"]["clips_per_s_best_round"] / result["torch"]["clips_per_s_best_round"], 3)
-    result["target_2x_met"] = min(result["jax_over_torch"], result["jax_over_torch_best_rounds"]) >= 2.0
     return result
 
 
@@ -349,25 +302,18 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     configure_devices(args)
     marlin_pytorch = import_marlin_pytorch()
-    load_before = os.getloadavg()
+    machine_before = mfu.machine()
     log(f"matmul peak: {args.peak_size}^2 {args.dtype}")
     peaks_before = measure_peaks(args)
-    sizes = {name: benchmark_size(name, args, marlin_pytorch) for name in args.sizes}
-    peaks_after = measure_peaks(args)
-    peaks = {k: max(peaks_before[k], peaks_after[k]) for k in peaks_before}
-    for result in sizes.values():
-        for framework, peak in peaks.items():
-            result[framework]["fraction_of_matmul_peak"] = round(result[framework]["achieved_gflops"] / peak, 3)
+    sizes = {name: benchmark_size(name, args, marlin_pytorch, peaks_before) for name in args.sizes}
     print(json.dumps({
-        "device": args.device, "jax_device": str(jax.devices()[0]), "torch_device": args.torch_device,
-        "jax_version": jax.__version__, "torch_version": torch.__version__, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "dtype": args.dtype, "remat": args.remat,
-        "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-        "mask_strategy": "random",
-        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+        "device": args.device, "machine": machine_before, "torch_device": args.torch_device,
+        "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "dtype": args.dtype,
+        "remat": args.remat, "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
+        "warmup": args.warmup, "mask_strategy": "random",
+        "load_average_1_5_15min": {"before": machine_before["load_average_1_5_15min"],
                                    "after": [round(x, 2) for x in os.getloadavg()]},
-        "matmul_peak_gflops": {"n": args.peak_size, "dtype": args.dtype, "best": _rounded(peaks),
-                               "before": _rounded(peaks_before), "after": _rounded(peaks_after)},
+        "matmul_peak_gflops_before": {"n": args.peak_size, "dtype": args.dtype, **_rounded(peaks_before)},
         "sizes": sizes,
     }, indent=1))
 

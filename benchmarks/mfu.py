@@ -1,0 +1,125 @@
+"""Model FLOPs utilisation (MFU), shared by the benchmark scripts: the peak they divide by, the FLOPs they count.
+
+- `jax_matmul_gflops`, `torch_matmul_gflops`: the best-of-N rate of one n x n matmul in each framework on this
+  machine, measured in the same run as the model, so that a change of CPU or of machine load moves both.
+- `extraction_flops`, `pretraining_flops`: FLOPs per clip counted from the architecture, 2 per multiply-add of
+  every matmul (the model FLOPs: nothing for recomputation, softmax or normalisation).
+- `xla_flops`: XLA's own count, the cross-check. The function is lowered for TPU, where attention is one
+  `dot_product_attention` call: on the CPU it loops over query chunks, and XLA counts a loop body once.
+- `mfu`: achieved model FLOP/s over the peak.
+- `machine`: the CPU model, the instruction-set extensions that decide the peak, and the load average.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from marlin_jax.architectures import MarlinArchitecture
+
+PEAK_MATMUL_SIZE = 2048
+# lscpu flags that set what a CPU matmul can reach: AVX-512 (fp32), AVX-512 BF16 and AMX (bf16).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` calls after one warm-up call; run() must block until its work is done."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def jax_matmul_gflops(n: int = PEAK_MATMUL_SIZE, dtype=jnp.float32, repeats: int = 8) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    matmul = jax.jit(jnp.dot)
+    return 2 * n ** 3 / best_seconds(lambda: matmul(a, a).block_until_ready(), repeats) / 1e9
+
+
+def torch_matmul_gflops(n: int = PEAK_MATMUL_SIZE, dtype=None, device: str = "cpu", repeats: int = 8) -> float:
+    import torch
+    a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+
+    def run():
+        torch.mm(a, a)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n ** 3 / best_seconds(run, repeats) / 1e9
+
+
+def _transformer_flops(depth: int, tokens: int, dim: int, mlp_dim: int) -> int:
+    """Forward matmul FLOPs of `depth` ViT blocks: qkv, proj, the two MLP layers, q @ k^T and attn @ v."""
+    return depth * (2 * tokens * dim * (4 * dim + 2 * mlp_dim) + 4 * tokens * tokens * dim)
+
+
+def extraction_flops(arch: MarlinArchitecture) -> int:
+    """The encoder over all tokens: patch embedding and the blocks."""
+    n, d = arch.num_tokens, arch.encoder_embed_dim
+    return 2 * n * arch.patch_dim * d + _transformer_flops(arch.encoder_depth, n, d, arch.mlp_dim)
+
+
+def pretraining_flops(arch: MarlinArchitecture, num_visible: int) -> dict[str, int]:
+    """Per clip: the generator forward, one marlin_jax train step, one official D-then-G iteration.
+
+    A matmul's backward costs twice its forward (input and weight gradients), except the patch embedding,
+    whose input (the video) needs no gradient. The official iteration runs the generator forward and
+    backward twice and embeds all tokens before dropping the masked ones; its D backward also reaches the
+    prediction. The JAX step runs the generator once, embeds visible tokens only, and takes D's weight
+    gradients on the detached prediction and then only input gradients for the generator's adversarial term.
+    """
+    n, nv = arch.num_tokens, num_visible
+    nm, p, hidden = n - nv, arch.patch_dim, arch.discriminator_hidden_dim
+    trunk = (_transformer_flops(arch.encoder_depth, nv, arch.encoder_embed_dim, arch.mlp_dim)
+             + 2 * nv * arch.encoder_embed_dim * arch.decoder_embed_dim
+             + _transformer_flops(arch.decoder_depth, n, arch.decoder_embed_dim, arch.decoder_mlp_dim)
+             + 2 * nm * arch.decoder_embed_dim * p)
+    embed_visible, embed_all = 2 * nv * p * arch.encoder_embed_dim, 2 * n * p * arch.encoder_embed_dim
+    critic = 2 * nm * (p * hidden + hidden)  # one pass of D over one clip's predicted (or real) patches
+    return {"generator_forward": trunk + embed_visible,
+            "jax_step": 3 * trunk + 2 * embed_visible + 6 * critic,
+            "official_iteration": 6 * trunk + 2 * 2 * embed_all + 9 * critic}
+
+
+def xla_flops(jitted, *args, platform: str = "tpu") -> float:
+    """XLA's FLOP count (all ops, elementwise included) of `jitted(*args)`, lowered for `platform` without
+    compiling; args may be arrays or ShapeDtypeStructs."""
+    cost = jitted.trace(*args).lower(lowering_platforms=(platform,)).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def mfu(clips_per_s: float, flops_per_clip: float, peak_gflops: float) -> float:
+    return clips_per_s * flops_per_clip / 1e9 / peak_gflops
+
+
+def _lscpu() -> dict[str, str]:
+    fields = {}
+    try:
+        with os.popen("lscpu") as out:
+            for line in out:
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def machine() -> dict:
+    """What the numbers depend on: CPU model and ISA, core count, load average, JAX version and devices."""
+    cpu = _lscpu()
+    flags = set(cpu.get("Flags", "").split())
+    return {"cpu_model": cpu.get("Model name") or platform.processor() or platform.machine(),
+            "isa": {flag: flag in flags for flag in ISA_FLAGS},
+            "cpu_count": os.cpu_count(),
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+            "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()],
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
