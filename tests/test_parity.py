@@ -198,7 +198,7 @@ def test_not_a_checkpoint(torch, tmp_path):
     other.write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported checkpoint type"):
         Marlin.from_file("marlin_vit_small_ytf", other)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="weights not found: .*missing.pt"):
         Marlin.from_file("marlin_vit_small_ytf", tmp_path / "missing.pt")
 
 

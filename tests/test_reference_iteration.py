@@ -54,7 +54,7 @@ def _setup(config):
     wrong step shows)."""
     settings = StepSettings.from_config(config, ARCH)
     schedule = learning_rate_schedule(config.learning_rate, BATCH, 1, ITERATIONS)
-    g_tx, d_tx = make_optimizer(config.optimizer, schedule), make_optimizer(config.optimizer, schedule)
+    g_tx, d_tx = make_optimizer(config.optimizer), make_optimizer(config.optimizer)
     state = jax.jit(lambda key: nn.meta.unbox(init_train_state(key, ARCH, g_tx, d_tx)))(jax.random.key(0))
     return settings, state, jax.jit(make_train_step(settings, g_tx, d_tx, schedule))
 
@@ -78,9 +78,10 @@ def _drawn_indices(settings: StepSettings, batch, key) -> tuple[np.ndarray, np.n
     return visible, np.array(clips.masked_idx)
 
 
-def _gradient_penalty_alpha(key) -> float:
-    """Our step's interpolation weight for this key (officially torch.rand(1) per D step)."""
-    return float(jax.random.uniform(jax.random.split(key)[1], ()))
+def _gradient_penalty_alphas(key, d_steps: int) -> list[float]:
+    """Our step's interpolation weight of each D step for this key (officially a fresh torch.rand(1) each)."""
+    gp_key = jax.random.split(key)[1]
+    return [float(jax.random.uniform(jax.random.fold_in(gp_key, d_step), ())) for d_step in range(d_steps)]
 
 
 def _torch_clips(torch, batch):
@@ -111,7 +112,7 @@ def test_train_step_equals_the_official_iteration(marlin_pytorch, torch, torch_r
         state, metrics = train_step(state, batch, key)
         logged = torch_reference.official_iteration(
             official, g_opt, d_opt, _torch_clips(torch, batch), torch.from_numpy(visible), adversarial,
-            float(rates[iteration]), [_gradient_penalty_alpha(key)] * config.d_steps)
+            float(rates[iteration]), _gradient_penalty_alphas(key, config.d_steps))
         assert float(metrics["lr"]) == pytest.approx(rates[iteration], rel=1e-6)
         for name, value in logged.items():
             assert abs(float(metrics[name]) - value) <= TOLERANCE, (

@@ -44,8 +44,8 @@ def _batch(batch_size: int, seed: int) -> dict[str, np.ndarray]:
 def _setup(config, lr: float = 1e-3):
     settings = StepSettings.from_config(config, ARCH)
     schedule = optax.constant_schedule(lr)
-    g_tx = make_optimizer(config.optimizer, schedule)
-    d_tx = make_optimizer(config.optimizer, schedule)
+    g_tx = make_optimizer(config.optimizer)
+    d_tx = make_optimizer(config.optimizer)
     state = nn.meta.unbox(init_train_state(jax.random.key(0), ARCH, g_tx, d_tx))
     return settings, g_tx, d_tx, schedule, state
 
@@ -58,9 +58,9 @@ def _max_difference(a, b) -> float:
 def test_gradient_accumulation_matches_the_full_batch():
     # Plain SGD makes the parameter change linear in the gradients (Adam's first step is ~sign(g), which
     # would magnify float noise in near-zero gradients).
-    settings, _, _, schedule, _ = _setup(_config())
+    settings, _, _, _, _ = _setup(_config())
     accumulated = StepSettings.from_config(_config(grad_accum_steps=2), ARCH)
-    sgd = optax.sgd(1.0)
+    sgd, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)  # the step scales updates by the schedule
     state = nn.meta.unbox(init_train_state(jax.random.key(0), ARCH, sgd, sgd))
     full = jax.jit(make_train_step(settings, sgd, sgd, schedule))
     micro = jax.jit(make_train_step(accumulated, sgd, sgd, schedule))
@@ -120,8 +120,7 @@ def test_config_errors_name_the_field(field, value, message):
 def test_remat_gives_the_same_gradients_in_float32():
     # With plain SGD at rate 1 each parameter moves by exactly its gradient (the generator's is taken against
     # the updated discriminator, so both networks' gradients are compared).
-    _, _, _, schedule, _ = _setup(_config())
-    sgd = optax.sgd(1.0)
+    sgd, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)  # the step scales updates by the schedule
     state = nn.meta.unbox(init_train_state(jax.random.key(0), ARCH, sgd, sgd))
     batch, key = _batch(2, 4), jax.random.key(5)
     results = {}

@@ -33,10 +33,14 @@ def frozen_labels(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(lambda path, _: "frozen" if _is_frozen(path) else "trained", params)
 
 
-def make_optimizer(optimizer_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(optimizer_config) -> optax.GradientTransformation:
+    """AdamW at a unit learning rate: the step multiplies the updates by `schedule(step)` itself, so the rate
+    follows the training iteration, as the official per-iteration schedulers do, also when d_steps or g_steps
+    update an optimiser several times per iteration (optax's own schedule would advance per update). Adam's
+    bias correction still counts updates, as torch's AdamW does."""
     if optimizer_config.type != "adamw":
         raise ValueError(f"optimizer.type must be 'adamw', got {optimizer_config.type!r}")
-    adamw = optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2, eps=optimizer_config.eps,
+    adamw = optax.adamw(1.0, b1=optimizer_config.b1, b2=optimizer_config.b2, eps=optimizer_config.eps,
                         weight_decay=optimizer_config.weight_decay)
     return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, frozen_labels)
 

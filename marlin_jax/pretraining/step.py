@@ -121,6 +121,11 @@ def _mean_over_scan(fn: Callable, micro_batches: MaskedClips, count: int):
     return jax.lax.scan(body, zeros, micro_batches)[0]
 
 
+def _scaled(updates, lr):
+    """Unit-rate optimiser updates at this iteration's learning rate (see state.make_optimizer)."""
+    return jax.tree_util.tree_map(lambda u: u * jnp.asarray(lr, u.dtype), updates)
+
+
 def make_train_step(settings: StepSettings, generator_tx: optax.GradientTransformation,
                     discriminator_tx: optax.GradientTransformation, schedule: optax.Schedule):
     """Returns the pure `train_step(state, batch, key) -> (state, metrics)`; jit it with shardings outside."""
@@ -146,9 +151,9 @@ def make_train_step(settings: StepSettings, generator_tx: optax.GradientTransfor
             adv = jnp.where(adversarial_on, adv, 0.0)
         return rec + adv, {"rec_loss": rec, "adv_loss": adv}
 
-    def d_update(d_params, d_opt_state, d_grads, adversarial_on):
+    def d_update(d_params, d_opt_state, d_grads, adversarial_on, lr):
         updates, new_opt_state = discriminator_tx.update(d_grads, d_opt_state, d_params)
-        new_params = optax.apply_updates(d_params, updates)
+        new_params = optax.apply_updates(d_params, _scaled(updates, lr))
         if not settings.adv_warmup_steps:
             return new_params, new_opt_state
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(adversarial_on, n, o), new, old)
@@ -164,29 +169,30 @@ def make_train_step(settings: StepSettings, generator_tx: optax.GradientTransfor
         count = settings.grad_accum_steps
         return _mean_over_scan(of_micro_batch, _split_micro_batches(clips, count), count)
 
-    def d_and_g_grads_one_forward(state: TrainState, clips: MaskedClips, gp_key, adversarial_on):
+    def d_and_g_grads_one_forward(state: TrainState, clips: MaskedClips, gp_key, adversarial_on, lr):
         pred, pull_back = jax.vjp(lambda p: forward(p, clips), state.generator)
         d_params, d_opt_state = state.discriminator, state.discriminator_opt_state
         d_loss = jnp.zeros(())
         if settings.adv_loss:
-            for _ in range(settings.d_steps):
+            for d_step in range(settings.d_steps):  # the official draws a fresh penalty interpolation per D step
                 d_loss, d_grads = jax.value_and_grad(d_objective)(
-                    d_params, jax.lax.stop_gradient(pred), clips.target, gp_key)
-                d_params, d_opt_state = d_update(d_params, d_opt_state, d_grads, adversarial_on)
+                    d_params, jax.lax.stop_gradient(pred), clips.target, jax.random.fold_in(gp_key, d_step))
+                d_params, d_opt_state = d_update(d_params, d_opt_state, d_grads, adversarial_on, lr)
         (_, parts), pred_grad = jax.value_and_grad(g_objective, has_aux=True)(pred, d_params, clips.target,
                                                                               adversarial_on)
         return d_params, d_opt_state, d_loss, pull_back(pred_grad)[0], parts
 
-    def d_and_g_grads_accumulated(state: TrainState, clips: MaskedClips, gp_key, adversarial_on):
+    def d_and_g_grads_accumulated(state: TrainState, clips: MaskedClips, gp_key, adversarial_on, lr):
         count = settings.grad_accum_steps
         micro = _split_micro_batches(clips, count)
         d_params, d_opt_state = state.discriminator, state.discriminator_opt_state
         d_loss = jnp.zeros(())
         if settings.adv_loss:
-            for _ in range(settings.d_steps):
+            for d_step in range(settings.d_steps):
+                d_key = jax.random.fold_in(gp_key, d_step)
                 d_loss, d_grads = _mean_over_scan(lambda m: jax.value_and_grad(d_objective)(
-                    d_params, forward(state.generator, m), m.target, gp_key), micro, count)
-                d_params, d_opt_state = d_update(d_params, d_opt_state, d_grads, adversarial_on)
+                    d_params, forward(state.generator, m), m.target, d_key), micro, count)
+                d_params, d_opt_state = d_update(d_params, d_opt_state, d_grads, adversarial_on, lr)
         g_grads, parts = generator_grads(state.generator, d_params, clips, adversarial_on)
         return d_params, d_opt_state, d_loss, g_grads, parts
 
@@ -195,18 +201,20 @@ def make_train_step(settings: StepSettings, generator_tx: optax.GradientTransfor
         clips = prepare_batch(settings, batch, mask_key)
         first_round = d_and_g_grads_one_forward if settings.grad_accum_steps == 1 else d_and_g_grads_accumulated
         adversarial_on = state.step >= settings.adv_warmup_steps
-        d_params, d_opt_state, d_loss, g_grads, parts = first_round(state, clips, gp_key, adversarial_on)
-        metrics = {"d_loss": d_loss, **parts, "g_grad_norm": optax.tree.norm(g_grads)}
+        lr = jnp.asarray(schedule(state.step), jnp.float32)
+        d_params, d_opt_state, d_loss, g_grads, parts = first_round(state, clips, gp_key, adversarial_on, lr)
+        metrics = {"d_loss": d_loss, "g_grad_norm": optax.tree.norm(g_grads)}
         g_params, g_opt_state = state.generator, state.generator_opt_state
         for g_step in range(settings.g_steps):
             if g_step > 0:  # official g_steps > 1: more generator steps against the same discriminator
-                g_grads, _ = generator_grads(g_params, d_params, clips, adversarial_on)
+                g_grads, parts = generator_grads(g_params, d_params, clips, adversarial_on)
             updates, g_opt_state = generator_tx.update(g_grads, g_opt_state, g_params)
+            updates = _scaled(updates, lr)
             g_params = optax.apply_updates(g_params, updates)
             if g_step == 0:
                 metrics["g_update_norm"] = optax.tree.norm(updates)
-        metrics["g_loss"] = metrics["rec_loss"] + metrics["adv_loss"]
-        metrics["lr"] = schedule(state.step)
+        # The losses of the last generator step, as the official iteration logs them.
+        metrics.update(parts, g_loss=parts["rec_loss"] + parts["adv_loss"], lr=lr)
         metrics["g_param_norm"] = optax.tree.norm(g_params)
         new_state = state.replace(step=state.step + 1, generator=g_params, discriminator=d_params,
                                   generator_opt_state=g_opt_state, discriminator_opt_state=d_opt_state)

@@ -1,0 +1,190 @@
+"""Two JAX processes over loopback (gloo CPU collectives, 2 devices each): the multi-host paths as a TPU pod runs
+them, with every cadence on (logging, checkpoints, validation with images, the in-training probe, the NaN
+check, best/).
+
+These runs are also the guard against host fetches of global arrays: JAX refuses to fetch an array that spans
+another process's devices (RuntimeError), so any such fetch on these paths fails the run and the test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data_prep.demo import make_demo_dataset
+from marlin_jax import Marlin
+from marlin_jax.architectures import MarlinArchitecture
+from marlin_jax.config_files import load_config
+from marlin_jax.training import checkpoints
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO_ROOT / "configs/pretrain/marlin_vit_small.py") + ":tiny"
+LOSSES = ("rec_loss", "adv_loss", "d_loss", "val/rec_loss", "val/loss", "probe/demo/auc")
+# Every cadence fires during the run: rows every step, checkpoints and validation (with images) every 2 steps,
+# the probe every 3.
+CADENCES = ("--config.total_steps=6", "--config.log_every=1", "--config.checkpoint_every=2",
+            "--config.evals.val.every=2", "--config.evals.probe.every=3", "--config.evals.probe.batch_size=4",
+            "--config.evals.probe.name=demo")
+PROCESS_ENV = {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_processes(module: str, *args: str, count: int = 2) -> list[subprocess.Popen]:
+    """`python -m <module> <args>` as `count` JAX processes of one job."""
+    port, env = _free_port(), {**os.environ, **PROCESS_ENV}
+    return [subprocess.Popen([sys.executable, "-m", module, *args, f"--coordinator_address=127.0.0.1:{port}",
+                              f"--num_processes={count}", f"--process_id={index}"],
+                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for index in range(count)]
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 900) -> list[str]:
+    """Waits for every process; fails with its stderr if one did not exit 0. Returns their stdouts."""
+    outputs = [process.communicate(timeout=timeout) for process in processes]
+    for index, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{stderr[-4000:]}"
+    return [stdout for stdout, _ in outputs]
+
+
+def read_metrics(workdir: pathlib.Path) -> dict[int, dict]:
+    """step -> the LAST record logged for it (a resumed run logs some steps again)."""
+    records = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, marlin_pytorch) -> dict:
+    """Demo shards (4 train shards: 2 per host), a labelled CSV of its face videos for the probe evaluator, and
+    an official-format encoder .pt to start from."""
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, num_videos=10, workers=1)
+    videos = sorted((root / "videos").glob("*.mp4"))
+    with (root / "probe.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "split", "label"])
+        for index, video in enumerate(videos):  # 6 train, 2 val, 2 test; each split holds both labels
+            split = "train" if index < 6 else "val" if index < 8 else "test"
+            writer.writerow([f"videos/{video.name}", split, index % 2])
+    arch = MarlinArchitecture.from_dict(load_config(TINY_CONFIG).model.to_dict())
+    weights = Marlin.random_init(arch, seed=3, full=False).to_pytorch(root / "official_encoder")["pt"]
+    return {"shards": root / "shards", "csv": root / "probe.csv", "weights": weights}
+
+
+def pretrain_args(workdir: pathlib.Path, demo: dict, *extra: str) -> tuple[str, ...]:
+    return (f"--config={TINY_CONFIG}", f"--workdir={workdir}", f"--config.data.path={demo['shards']}",
+            f"--config.evals.probe.csv={demo['csv']}", f"--config.init_from={demo['weights']}", *CADENCES, *extra)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(demo, tmp_path_factory) -> pathlib.Path:
+    """Data x fsdp across the two processes: mesh (2, 2, 1), parameters sharded over processes' devices."""
+    workdir = tmp_path_factory.mktemp("fsdp_2x2")
+    stdouts = finish(start_processes("marlin_jax.train", *pretrain_args(workdir, demo, "--config.mesh.shape=(2,2,1)")))
+    for index, stdout in enumerate(stdouts):  # every process announces itself once
+        assert f"process {index}/2: cpu backend, 2 local x cpu (4 global), mesh {{'data': 2, 'fsdp': 2, " \
+               "'tensor': 1}, per-host batch 2" in stdout
+    return workdir
+
+
+def test_fsdp_across_processes_runs_every_cadence(fsdp_run, demo):
+    records = read_metrics(fsdp_run)
+    assert sorted(records) == [1, 2, 3, 4, 5, 6]
+    assert [s for s in records if "val/loss" in records[s]] == [2, 4, 6]
+    assert [s for s in records if "probe/demo/auc" in records[s]] == [3, 6]
+    assert all(np.isfinite(records[s][k]) for s in records for k in ("rec_loss", "d_loss", "data/corrupt_records"))
+    assert sorted(p.name for p in (fsdp_run / "reconstructions").glob("*.png")) == [
+        "step_00000002.png", "step_00000004.png", "step_00000006.png"]
+    assert checkpoints.restore_params(fsdp_run).step == 6
+    best = min((2, 4, 6), key=lambda step: records[step]["val/loss"])
+    assert checkpoints.restore_params(fsdp_run / "best").step == best
+    saved = json.loads((fsdp_run / "config.json").read_text())
+    assert saved["resolved"]["process_count"] == 2 and saved["resolved"]["mesh"] == {"data": 2, "fsdp": 2,
+                                                                                    "tensor": 1}
+
+
+def test_init_from_lands_in_pure_fsdp_across_processes(fsdp_run, demo):
+    """Mesh (1, 4, 1): parameters sharded over all four devices of both processes. The official .pt was loaded
+    on every host straight into that layout: a step at learning rate 0 keeps it."""
+    workdir = fsdp_run.parent / "init_only"
+    finish(start_processes("marlin_jax.train", *pretrain_args(
+        workdir, demo, "--config.mesh.shape=(1,4,1)", "--config.total_steps=1", "--config.checkpoint_every=1",
+        "--config.learning_rate.base=0")))
+    arch = MarlinArchitecture.from_dict(load_config(TINY_CONFIG).model.to_dict())
+    expected = Marlin.from_file(arch, demo["weights"]).params["encoder"]
+    saved = checkpoints.restore_params(workdir).generator["encoder"]
+    import jax
+    jax.tree_util.tree_map(np.testing.assert_array_equal, saved, expected)
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(fsdp_run, demo, tmp_path):
+    args = pretrain_args(tmp_path, demo, "--config.mesh.shape=(2,2,1)")  # the reference run's exact config
+    processes = start_processes("marlin_jax.train", *args)
+    deadline = time.time() + 600
+    while time.time() < deadline and all(p.poll() is None for p in processes):
+        if (tmp_path / "metrics.jsonl").is_file() and max(read_metrics(tmp_path), default=0) >= 2:
+            break
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)
+    finish(processes)
+    stopped = checkpoints.restore_params(tmp_path)
+    assert 2 <= stopped.step < 6, "the preempted run should stop early, at a step both processes agreed on"
+    assert max(read_metrics(tmp_path)) == stopped.step
+    finish(start_processes("marlin_jax.train", *args))
+    reference, resumed = read_metrics(fsdp_run), read_metrics(tmp_path)
+    for step in reference:
+        for key in LOSSES:
+            if key in reference[step]:
+                assert resumed[step][key] == reference[step][key], (step, key)
+
+
+def test_finetuning_with_two_processes_and_decode_workers_matches_one_process(demo, tmp_path):
+    config = str(REPO_ROOT / "configs/finetune/csv.py") + ":binary,tiny"
+    common = (f"--config={config}", f"--config.data.csv={demo['csv']}", "--config.batch_size=4",
+              "--config.eval_batch_size=4", "--config.total_steps=4", "--config.eval_every=2",
+              "--config.checkpoint_every=2", "--config.log_every=1", "--config.data.worker_count=2")
+    finish(start_processes("marlin_jax.finetune", f"--workdir={tmp_path / 'two'}", *common))
+    single = subprocess.run([sys.executable, "-m", "marlin_jax.finetune", f"--workdir={tmp_path / 'one'}", *common],
+                            cwd=REPO_ROOT, env={**os.environ, **PROCESS_ENV}, capture_output=True, text=True,
+                            timeout=900)
+    assert single.returncode == 0, single.stderr[-4000:]
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4]
+    for step in one:
+        for key in ("loss", "grad_norm", "val/auc"):
+            if key in one[step]:
+                np.testing.assert_allclose(two[step][key], one[step][key], rtol=2e-5, err_msg=f"{key} at {step}")
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["steps_run"] == 4 and "auc" in results
+
+
+def test_extraction_splits_videos_over_processes(demo, tmp_path):
+    arch = MarlinArchitecture.from_dict(load_config(TINY_CONFIG).model.to_dict())
+    videos = demo["csv"].parent / "videos"
+    args = ("--model", TINY_CONFIG, "--weights", str(demo["weights"]), "--batch_size", "2")
+    finish(start_processes("marlin_jax.extract", *args, "--output_dir", str(tmp_path / "two"), str(videos)))
+    model = Marlin.from_file(arch, demo["weights"])
+    written = sorted(p.name for p in (tmp_path / "two").glob("*.npy"))
+    assert written == sorted(f"{v.stem}.npy" for v in videos.glob("*.mp4"))
+    from marlin_jax.extraction import extract_video_features
+    for name in written:
+        np.testing.assert_allclose(np.load(tmp_path / "two" / name),
+                                   extract_video_features(model, videos / name.replace(".npy", ".mp4")),
+                                   atol=1e-5, err_msg=name)
