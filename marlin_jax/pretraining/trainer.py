@@ -165,8 +165,8 @@ def build_trainer(config: ml_collections.ConfigDict, workdir) -> loop.Trainer:
                                    "device_count": jax.device_count(), "per_host_batch": per_host_batch})
 
     schedule = learning_rate_schedule(config.learning_rate, config.batch_size, steps_per_epoch, total_steps)
-    generator_tx = make_optimizer(config.optimizer, schedule)
-    discriminator_tx = make_optimizer(config.optimizer, schedule)
+    generator_tx = make_optimizer(config.optimizer)
+    discriminator_tx = make_optimizer(config.optimizer)
     init_key, base_key = jax.random.split(jax.random.key(config.seed))
     state, state_shardings = sharding.init_sharded(
         lambda k: init_train_state(k, arch, generator_tx, discriminator_tx), init_key, mesh, config.logical_axis_rules)
