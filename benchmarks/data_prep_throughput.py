@@ -1,23 +1,30 @@
 """data_prep end to end (decode -> face crop + region map -> JPEG/PNG -> TFRecord), in frames per second.
 
-    python benchmarks/data_prep_throughput.py [--videos DIR] [--copies 2] [--workers 1 2]
+    python benchmarks/data_prep_throughput.py [--videos DIR] [--copies 2] [--workers 1 2] [--repeats 3]
 
 Builds shards from the sample videos (../shared/data/marlin_samples, each linked `--copies` times so that a
 build outlasts worker start-up; else the demo videos, made on the spot) with detect-then-track and with
---no-tracking (the detector on every frame), once per worker count, in one run, and prints JSON:
-- frames_per_second: frames over the build's wall time, worker start-up and model loading included;
+--no-tracking (the detector on every frame), for each worker count, `--repeats` rounds interleaved in one
+run, and prints JSON per setting (wall-time figures: the best round, the least disturbed by other load;
+CPU figures: the median round):
+- frames_per_second: frames over the build's wall time, worker start-up, model loading and the last
+  videos' tail (one worker finishing alone) included;
 - frames_per_second_per_worker: the same divided by the workers, i.e. per core when workers <= cores;
-- frames_per_cpu_second: frames over the CPU time of the build (all processes and threads), the per-core
-  figure that other load on the machine does not distort;
-- scaling: frames_per_second of each worker count over that of one worker.
-`load_average` says how busy the machine was (other processes distort the wall-time figures). Stage timings
-come from one video on one thread, per frame.
+- frames_per_worker_second: frames over the summed time the workers spent on sources (from the manifest),
+  i.e. one worker's speed while all of them run, start-up and tail excluded;
+- frames_per_cpu_second: frames over the CPU time of the build (all processes and threads), start-up
+  included, the per-core figure that other load on the machine distorts least;
+- scaling: frames_per_second of each worker count over that of one worker, and steady_scaling: the
+  workers' summed speed (workers x frames_per_worker_second) over one worker's.
+`load_averages` say how busy the machine was in each round. Stage timings (per frame, CPU time of the
+process, so the detector's own threads count) come from one video.
 """
 
 import argparse
 import json
 import os
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +42,13 @@ SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "marlin_samp
 
 def cpu_seconds() -> float:
     """User + system time of this process and its finished children."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return process_seconds() + children.ru_utime + children.ru_stime
+
+
+def process_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
 
 
 def linked_copies(videos: Path, copies: int, root: Path) -> Path:
@@ -58,25 +70,36 @@ def time_build(videos: Path, workers: int, tracking: bool) -> dict:
         manifest = build_dataset(config)
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     frames = sum(entry["num_frames"] for entry in manifest["sources"])
-    return {"tracking": tracking, "workers": workers, "videos": len(manifest["sources"]), "frames": frames,
-            "wall_s": round(wall, 2), "frames_per_second": round(frames / wall, 1),
-            "frames_per_second_per_worker": round(frames / wall / workers, 1),
-            "frames_per_cpu_second": round(frames / cpu, 1), "load_average": round(load, 2)}
+    worker_seconds = sum(entry["seconds"] for entry in manifest["sources"])
+    return {"videos": len(manifest["sources"]), "frames": frames, "wall_s": wall,
+            "frames_per_second": frames / wall, "frames_per_worker_second": frames / worker_seconds,
+            "frames_per_cpu_second": frames / cpu, "load_average": load}
+
+
+def summary(rounds: list[dict], tracking: bool, workers: int) -> dict:
+    best = lambda key: round(max(r[key] for r in rounds), 1)  # noqa: E731
+    return {"tracking": tracking, "workers": workers, "videos": rounds[0]["videos"], "frames": rounds[0]["frames"],
+            "wall_s": round(min(r["wall_s"] for r in rounds), 2), "frames_per_second": best("frames_per_second"),
+            "frames_per_second_per_worker": round(best("frames_per_second") / workers, 1),
+            "frames_per_worker_second": best("frames_per_worker_second"),
+            "frames_per_cpu_second": round(statistics.median(r["frames_per_cpu_second"] for r in rounds), 1),
+            "load_averages": [round(r["load_average"], 2) for r in rounds]}
 
 
 def time_stages(video: Path, tracking: bool) -> dict:
-    """Per-frame milliseconds of each stage on this thread (the face detector adds its own threads)."""
+    """Per-frame milliseconds of each stage (CPU time of this process)."""
     cropper = FaceCropper(tracking=tracking)
     frames = list(frame_io.iter_video_frames(str(video), threads=1))
-    start = time.thread_time()
-    list(frame_io.iter_video_frames(str(video), threads=1))
-    decoded = time.thread_time()
+    start = process_seconds()
+    for _ in frame_io.iter_video_frames(str(video), threads=1):
+        pass
+    decoded = process_seconds()
     crops = list(cropper.iter_video(frames))
-    cropped = time.thread_time()
+    cropped = process_seconds()
     for crop in crops:
         codecs.encode_jpeg(crop.frame)
         codecs.encode_label_map(crop.region_map)
-    encoded = time.thread_time()
+    encoded = process_seconds()
     per_frame = lambda seconds: round(1e3 * seconds / len(frames), 3)  # noqa: E731
     return {"video": video.name, "frame_size": list(frames[0].shape[:2]), "frames": len(frames),
             "tracking": tracking, "decode_ms": per_frame(decoded - start),
@@ -88,6 +111,7 @@ def main() -> None:
     parser.add_argument("--videos", type=Path, default=None)
     parser.add_argument("--copies", type=int, default=2, help="links to each sample video")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every setting")
     args = parser.parse_args()
     cv2.setNumThreads(1)  # as in the build's workers, for the stage timings
     with tempfile.TemporaryDirectory() as scratch:
@@ -98,13 +122,20 @@ def main() -> None:
         stage_video = sorted(videos.rglob("*.mp4"))[0]
         stages = [time_stages(stage_video, tracking) for tracking in (True, False)]
         inputs = linked_copies(videos, args.copies, Path(scratch) / "inputs")
-        builds = [time_build(inputs, workers, tracking) for tracking in (True, False) for workers in args.workers]
+        settings = [(tracking, workers) for tracking in (True, False) for workers in args.workers]
+        rounds = {setting: [] for setting in settings}
+        for _ in range(args.repeats):
+            for tracking, workers in settings:
+                rounds[tracking, workers].append(time_build(inputs, workers, tracking))
+        builds = [summary(rounds[setting], *setting) for setting in settings]
     for build in builds:
         single = [b for b in builds if b["tracking"] == build["tracking"] and b["workers"] == 1]
         if single:
             build["scaling"] = round(build["frames_per_second"] / single[0]["frames_per_second"], 2)
-    print(json.dumps({"input": str(videos), "copies": args.copies, "cpu_count": os.cpu_count(),
-                      "stages_one_video": stages, "builds": builds}, indent=1))
+            build["steady_scaling"] = round(build["workers"] * build["frames_per_worker_second"]
+                                            / single[0]["frames_per_worker_second"], 2)
+    print(json.dumps({"input": str(videos), "copies": args.copies, "repeats": args.repeats,
+                      "cpu_count": os.cpu_count(), "stages_one_video": stages, "builds": builds}, indent=1))
 
 
 if __name__ == "__main__":
