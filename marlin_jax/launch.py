@@ -42,7 +42,8 @@ def start(argv, *, positional: bool = False) -> list[str]:
 
 def run(main) -> None:
     """`app.run(main)`, with bad input (a ValueError or a missing optional package, whose messages say what is
-    wrong and what to do) reported as one line and exit status 2 instead of a traceback."""
+    wrong and what to do) reported as one line and exit status 2, and a run stopped by a NaN/Inf as one line and
+    exit status 1, instead of a traceback."""
 
     def guarded(argv):
         try:
@@ -50,5 +51,8 @@ def run(main) -> None:
         except (ValueError, ImportError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except FloatingPointError as error:
+            print(f"stopped: {error}", file=sys.stderr)
+            sys.exit(1)
 
     app.run(guarded)
