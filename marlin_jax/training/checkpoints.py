@@ -9,9 +9,13 @@
 `<workdir>/best/<step>/` holds "params" and "metadata" of the model with the best validation score so far.
 Inference and export read "params" and "metadata" alone, so they need no optimiser template.
 
-A step whose restore fails (half-written, a file removed or truncated) is moved aside to
-`<workdir>/damaged_checkpoints/` with a warning naming it, and the newest intact step is used instead: orbax's
-retention counts step folders, so a damaged newest step left in place could push the last good one out.
+A step whose restore fails (a file removed or truncated) is moved aside to `<workdir>/damaged_checkpoints/`
+with a warning naming it, and the newest intact step is used instead: orbax's retention counts step folders, so a
+damaged newest step left in place could push the last good one out. When no step restores, nothing is moved and
+the resume stops with an error: a restore that fails for every step points at the config or the machine rather
+than at the files. A step folder a killed save left half-written (orbax writes `<step>.orbax-checkpoint-tmp` and
+renames it when complete; on object stores a step without `commit_success.txt`) was never a checkpoint: it is
+removed, with a warning, so that it frees its space.
 """
 
 from __future__ import annotations
@@ -77,13 +81,14 @@ def restore_latest_intact(manager: ocp.CheckpointManager, *, params_like: Any, o
                           check: Callable[[dict], None]) -> Restored | None:
     """The newest step that restores completely (params, optimiser, data iterator, metadata), onto the shardings
     of `*_like`; `loader` is set in place. `check(metadata)` may raise to refuse the workdir (another model).
-    None when there is no intact step."""
-    workdir = epath.Path(manager.directory).parent
+    None when there is no step; a ValueError when there are steps and none restores."""
+    _remove_half_written(manager)
+    failures: dict[int, Exception] = {}
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             metadata = read_metadata(manager, step)
         except Exception as error:  # noqa: BLE001 - any read failure means this step is unusable
-            _set_aside(manager, step, workdir, error)
+            failures[step] = error
             continue
         check(metadata)
         try:
@@ -92,18 +97,36 @@ def restore_latest_intact(manager: ocp.CheckpointManager, *, params_like: Any, o
                 opt_state=ocp.args.StandardRestore(abstract_tree(opt_state_like)),
                 data_iterator=grain.checkpoint.CheckpointRestore(loader)))
         except Exception as error:  # noqa: BLE001
-            _set_aside(manager, step, workdir, error)
+            failures[step] = error
             continue
+        for damaged, error in failures.items():
+            _set_aside(manager, damaged, step, error)
         return Restored(step, restored.params, restored.opt_state, metadata)
+    if failures:
+        listed = "; ".join(f"step {step}: {type(error).__name__}: {error}" for step, error in failures.items())
+        raise ValueError(f"no checkpoint in {manager.directory} restores ({listed}). Nothing was moved or deleted. "
+                         "If the files are damaged, move the folder away (or pass a new --workdir) to start afresh")
     return None
 
 
-def _set_aside(manager: ocp.CheckpointManager, step: int, workdir: epath.Path, error: Exception) -> None:
+def _remove_half_written(manager: ocp.CheckpointManager) -> None:
+    """Deletes the step folders that a killed or failed save left unfinished (process 0), naming each."""
+    directory = epath.Path(manager.directory)
+    unfinished = ocp.path.step.tmp_checkpoints(directory)
+    for name in unfinished:
+        logging.warning("checkpoint %s was left half-written by a save that did not finish; removing it",
+                        directory / name)
+        if jax.process_index() == 0:
+            (directory / name).rmtree()
+    _sync("remove_half_written")
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, resumed_step: int, error: Exception) -> None:
     """Moves a damaged step out of the manager's folder (process 0), so retention keeps the intact ones."""
     source = epath.Path(manager.directory) / str(step)
-    target = workdir / DAMAGED_SUBDIR / f"{step}_{int(time.time())}"
-    logging.warning("checkpoint step %d in %s is damaged (%s: %s); moving it to %s and resuming from the newest "
-                    "intact step", step, manager.directory, type(error).__name__, error, target)
+    target = epath.Path(manager.directory).parent / DAMAGED_SUBDIR / f"{step}_{int(time.time())}"
+    logging.warning("checkpoint step %d in %s is damaged (%s: %s); moved it to %s and resumed from step %d",
+                    step, manager.directory, type(error).__name__, error, target, resumed_step)
     if jax.process_index() == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
         source.rename(target)

@@ -1,0 +1,202 @@
+"""Damaged checkpoints, on the real files orbax writes.
+
+A step folder holds one sub-folder per item (`params`, `opt_state`, `data_iterator`, `metadata`), each with a
+`commit_success.txt`; the arrays live in OCDBT files (`manifest.ocdbt`, `d/<hash>`, `ocdbt.process_0/d/<hash>`).
+Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save killed halfway leaves that
+folder, never a half-written numbered one. Every file a restore reads fails loudly when removed or truncated; the
+others (`_CHECKPOINT_METADATA`, the commit markers, `_sharding`) restore the same arrays without them, so a step
+missing only those is intact. Resume falls back past damaged steps to the newest intact one, warning with each
+name; pretraining and fine-tuning then reproduce the uninterrupted run, and export takes the newest intact step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import av
+import jax
+import numpy as np
+import pytest
+
+from marlin_jax.training import checkpoints
+from tiny_pretraining import (
+    LOSSES,
+    REPO_ROOT,
+    copy_run_until,
+    make_small_demo,
+    read_metrics,
+    run_env,
+    run_train,
+    without_timing,
+)
+
+REFERENCE_RUN = ("--config.total_steps=6", "--config.checkpoint_every=1", "--config.keep_checkpoints=10",
+                 "--config.evals.val.every=0")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    return run_env(tmp_path_factory.mktemp("compile_cache"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> pathlib.Path:
+    return make_small_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def reference(shards, env, tmp_path_factory) -> pathlib.Path:
+    """An uninterrupted run of 6 steps with a checkpoint after each."""
+    workdir = tmp_path_factory.mktemp("reference")
+    run_train(workdir, shards, *REFERENCE_RUN, env=env)
+    return workdir
+
+
+def largest_file(folder: pathlib.Path) -> pathlib.Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def truncate(path: pathlib.Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_resume_falls_back_past_damaged_steps_and_reproduces_the_run(reference, shards, env, tmp_path):
+    workdir = tmp_path / "run"
+    copy_run_until(reference, workdir, last_step=4)
+    saved = workdir / "checkpoints"
+    # A kill while saving step 5 left its temporary folder without the optimiser and the data iterator.
+    half_written = saved / "5.orbax-checkpoint-tmp"
+    shutil.copytree(reference / "checkpoints" / "5", half_written)
+    shutil.rmtree(half_written / "opt_state"), shutil.rmtree(half_written / "data_iterator")
+    truncate(largest_file(saved / "4" / "params"))
+    largest_file(saved / "3" / "opt_state").unlink()
+    for marker in [*(saved / "2").rglob("commit_success.txt"), saved / "2" / "_CHECKPOINT_METADATA"]:
+        marker.unlink()  # not read by a restore: step 2 stays intact
+    files_of = {step: sorted(p.relative_to(saved / str(step)) for p in (saved / str(step)).rglob("*"))
+                for step in (3, 4)}
+
+    result = run_train(workdir, shards, *REFERENCE_RUN, "--config.keep_checkpoints=2", env=env)
+
+    assert f"checkpoint {half_written} was left half-written" in result.stderr
+    for step in (4, 3):
+        assert f"checkpoint step {step} in {saved} is damaged" in result.stderr, step
+    assert f"resumed from step 2 in {workdir}" in result.stdout
+    moved = {int(p.name.split("_")[0]): p for p in (workdir / checkpoints.DAMAGED_SUBDIR).iterdir()}
+    assert sorted(moved) == [3, 4]
+    for step, folder in moved.items():  # moved aside whole, never deleted
+        assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == files_of[step]
+
+    resumed, uninterrupted = read_metrics(workdir), read_metrics(reference)
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 7))
+    for step in range(3, 7):
+        for key in LOSSES:
+            assert resumed[step][key] == uninterrupted[step][key], (step, key)
+    assert resumed[6]["val/loss"] == uninterrupted[6]["val/loss"]
+    # Retention (keep 2) counted intact steps only; both restore to the uninterrupted run's parameters.
+    assert sorted(p.name for p in saved.iterdir()) == ["5", "6"]
+    for step in (5, 6):
+        ours, theirs = checkpoints.restore_params(workdir, step), checkpoints.restore_params(reference, step)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, ours.generator, theirs.generator)
+
+
+def test_when_no_step_restores_the_resume_stops_and_moves_nothing(reference, shards, env, tmp_path):
+    workdir = tmp_path / "run"
+    copy_run_until(reference, workdir, last_step=2)
+    for step in (1, 2):
+        truncate(largest_file(workdir / "checkpoints" / str(step) / "params"))
+
+    result = run_train(workdir, shards, *REFERENCE_RUN, env=env, expect_rc=2)
+
+    assert f"error: no checkpoint in {workdir / 'checkpoints'} restores (step 2: " in result.stderr
+    assert "Nothing was moved or deleted" in result.stderr and "pass a new --workdir" in result.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+    assert not (workdir / checkpoints.DAMAGED_SUBDIR).exists()
+    assert sorted(read_metrics(workdir)) == [1, 2]
+
+
+def _export(workdir: pathlib.Path, output: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "marlin_jax.export", f"--workdir={workdir}", f"--output={output}",
+                           *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_export_takes_the_newest_intact_step(reference, torch, tmp_path):
+    workdir = tmp_path / "run"
+    copy_run_until(reference, workdir, last_step=6)
+    truncate(largest_file(workdir / "checkpoints" / "6" / "params"))
+
+    result = _export(workdir, tmp_path / "exported")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint step 6 in {workdir / 'checkpoints'} is damaged" in result.stderr
+    state = torch.load(tmp_path / "exported" / "marlin_vit_small_tiny_step5.pt", weights_only=True)
+    expected = checkpoints.restore_params(reference, 5).generator["encoder"]["norm"]["scale"]
+    np.testing.assert_array_equal(state["encoder.norm.weight"].numpy(), expected)
+
+    named = _export(workdir, tmp_path / "named", "--step=6")
+    assert named.returncode == 2 and f"checkpoint step 6 in {workdir / 'checkpoints'} is damaged" in named.stderr
+
+
+# --- fine-tuning ------------------------------------------------------------------------------------------
+
+FINETUNE_CONFIG = str(REPO_ROOT / "configs/finetune/csv.py") + ":binary,tiny"
+FINETUNE_RUN = ("--config.total_steps=4", "--config.checkpoint_every=1", "--config.keep_checkpoints=10",
+                "--config.eval_every=4", "--config.log_every=1", "--config.select_metric=acc")
+
+
+@pytest.fixture(scope="module")
+def colour_csv(tmp_path_factory) -> pathlib.Path:
+    """Videos whose binary label is a colour cast: 8 to train (one batch), 4 to validate, 4 to test."""
+    root = tmp_path_factory.mktemp("colour")
+    rng = np.random.default_rng(0)
+    rows = []
+    for split, count in (("train", 8), ("val", 4), ("test", 4)):
+        for index in range(count):
+            frames = rng.uniform(30, 200, size=(20, 64, 64, 3))
+            frames[..., 2 if index % 2 else 0] += 50
+            path = root / "videos" / f"{split}_{index}.mp4"
+            _write_video(path, np.clip(frames, 0, 255).astype(np.uint8))
+            rows.append([path.relative_to(root), split, index % 2])
+    with (root / "videos.csv").open("w", newline="") as file:
+        csv.writer(file).writerows([["path", "split", "label"], *rows])
+    return root / "videos.csv"
+
+
+def _write_video(path: pathlib.Path, frames: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _finetune(workdir: pathlib.Path, colour_csv: pathlib.Path, env) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "marlin_jax.finetune", f"--config={FINETUNE_CONFIG}",
+                             f"--workdir={workdir}", f"--config.data.csv={colour_csv}", *FINETUNE_RUN],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_finetuning_resumes_past_a_damaged_step(colour_csv, env, tmp_path):
+    reference, workdir = tmp_path / "reference", tmp_path / "run"
+    _finetune(reference, colour_csv, env)
+    copy_run_until(reference, workdir, last_step=3)  # validation runs at step 4 only: no best/ yet at step 3
+    (workdir / "checkpoints" / "3" / "data_iterator" / "process_0-of-1.json").unlink()
+
+    result = _finetune(workdir, colour_csv, env)
+
+    assert f"checkpoint step 3 in {workdir / 'checkpoints'} is damaged" in result.stderr
+    assert f"resumed from step 2 in {workdir}" in result.stdout
+    resumed, uninterrupted = read_metrics(workdir), read_metrics(reference)
+    assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 3, 4]
+    for step in uninterrupted:
+        assert without_timing(resumed[step]) == without_timing(uninterrupted[step]), step
+    ours, theirs = (json.loads((w / "results.json").read_text()) for w in (workdir, reference))
+    for key in ("acc", "auc", "selected_step", "val", "steps_run"):
+        assert ours[key] == theirs[key], key
