@@ -1,12 +1,16 @@
-"""data_prep on a full disk (a real, small tmpfs): a clear error naming the path and the space needed, finished
-shards untouched, nothing half-written left behind, and a rerun after space is freed completes the build."""
+"""data_prep and training on a full disk (a real, small tmpfs): a clear error naming the path and the space needed,
+finished shards and checkpoints untouched, nothing half-written left behind, and a rerun after space is freed
+completes the build, or the run as the uninterrupted one does."""
 
 import pickle
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from skimage import data as skimage_data
 
@@ -14,24 +18,29 @@ from data_prep.atomic import DiskFullError, atomic_path
 from data_prep.builder import BuildConfig, build_dataset
 from data_prep.demo import render_video, write_mp4
 from marlin_jax.data.shards import load_manifest
+from marlin_jax.training import checkpoints
+from tiny_pretraining import make_small_demo, read_metrics, run_env, run_train, without_timing
 
 DISK_BYTES = 8 * 2**20
 NUM_VIDEOS = 6
 
 
-@pytest.fixture
-def small_disk(tmp_path) -> Path:
-    mount_point = tmp_path / "disk"
+def _tmpfs(mount_point: Path, size: int) -> Iterator[Path]:
     mount_point.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("needs `mount` to make a small tmpfs")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(mount_point)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
                              capture_output=True, text=True)
     if mounted.returncode:
         pytest.skip(f"needs a small tmpfs; mounting one was refused (needs root where mounts are permitted): "
                     f"{mounted.stderr.strip()}")
     yield mount_point
     subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    yield from _tmpfs(tmp_path / "disk", DISK_BYTES)
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +115,67 @@ def test_the_error_survives_a_worker_process_boundary():
     error = DiskFullError(28, "no space left for /data/shards/_work/train/a.tfrecord (0.0 MB free there)")
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is DiskFullError and str(again) == str(error)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+# A tiny pretraining run (tests/tiny_pretraining.py) checkpointing every 2 of 8 steps. It logs only its last step,
+# so that between a checkpoint save failing in the background and the next save (where orbax raises its error)
+# nothing else writes to the full disk.
+
+CHECKPOINT_DISK_BYTES = 32 * 2**20
+TRAIN_RUN = ("--config.total_steps=8", "--config.checkpoint_every=2", "--config.log_every=10",
+             "--config.evals.val.every=0")
+PAGE = 4096  # tmpfs allocates whole pages
+
+
+@pytest.fixture
+def checkpoint_disk(tmp_path) -> Iterator[Path]:
+    yield from _tmpfs(tmp_path / "checkpoint_disk", CHECKPOINT_DISK_BYTES)
+
+
+@pytest.fixture(scope="module")
+def training(tmp_path_factory) -> tuple[Path, dict[str, str], Path]:
+    """(demo shards, the runs' environment, the uninterrupted run's workdir)."""
+    shards = make_small_demo(tmp_path_factory.mktemp("demo"))
+    env = run_env(tmp_path_factory.mktemp("compile_cache"))
+    reference = tmp_path_factory.mktemp("reference")
+    run_train(reference, shards, *TRAIN_RUN, "--config.keep_checkpoints=4", env=env)  # keeps every step
+    return shards, env, reference
+
+
+def _tmpfs_bytes(folder: Path) -> int:
+    return sum(-(-p.stat().st_size // PAGE) * PAGE for p in folder.rglob("*") if p.is_file())
+
+
+# keep: config.keep_checkpoints. fits: how many checkpoints and best/ saves the free space holds (plus half a
+# checkpoint). With keep 1 the save of step 4 needs room for steps 2 and 4 and fails in the background; the next
+# save raises it. With keep 3 steps 2, 4 and 6 and the best model fit, and the last save fails after the loop.
+@pytest.mark.parametrize("keep,fits,finished", [(1, (1, 0), [2]), (3, (3, 1), [2, 4, 6])])
+def test_full_disk_while_checkpointing_stops_clearly_and_a_rerun_finishes(training, checkpoint_disk, keep, fits,
+                                                                          finished):
+    shards, env, reference = training
+    checkpoint, best = _tmpfs_bytes(reference / "checkpoints" / "8"), _tmpfs_bytes(reference / "best" / "8")
+    ballast = _fill(checkpoint_disk, fits[0] * checkpoint + fits[1] * best + checkpoint // 2)
+    workdir, run = checkpoint_disk / "run", (*TRAIN_RUN, f"--config.keep_checkpoints={keep}")
+
+    failed = run_train(workdir, shards, *run, env=env, expect_rc=2, timeout=300)
+
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, failed.stderr[-3000:]
+    message = errors[0]
+    assert message.startswith(f"error: [Errno 28] no space left to write a checkpoint in {workdir / 'checkpoints'} (")
+    assert "B free there): one takes about" in message
+    assert f"{', '.join(map(str, finished))}) are intact" in message and "rerun the same command" in message
+    assert sorted(ocp.path.step.checkpoint_steps(workdir / "checkpoints")) == finished
+    for step in finished:  # intact, and kept by retention although a newer save had started (keep 1)
+        ours, theirs = checkpoints.restore_params(workdir, step), checkpoints.restore_params(reference, step)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, ours.generator, theirs.generator)
+
+    ballast.unlink()
+    rerun = run_train(workdir, shards, *run, env=env, timeout=300)
+    assert "was left half-written by a save that did not finish; removing it" in rerun.stderr
+    assert without_timing(read_metrics(workdir)[8]) == without_timing(read_metrics(reference)[8])
+    ours, theirs = checkpoints.restore_params(workdir), checkpoints.restore_params(reference)
+    assert ours.step == theirs.step == 8
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ours.generator, theirs.generator)
+    assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))

@@ -16,11 +16,18 @@ the resume stops with an error: a restore that fails for every step points at th
 than at the files. A step folder a killed save left half-written (orbax writes `<step>.orbax-checkpoint-tmp` and
 renames it when complete; on object stores a step without `commit_success.txt`) was never a checkpoint: it is
 removed, with a warning, so that it frees its space.
+
+A full disk (or quota) while saving raises `CheckpointDiskFullError`, naming the folder, the free space and the
+size of a checkpoint; the finished checkpoints are untouched (orbax removes old steps only after a new one is
+complete). Saves are asynchronous, so the error surfaces at the next save or when the run waits for the last one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from tqdm import tqdm
 
 from marlin_jax.architectures import MarlinArchitecture
 
@@ -60,9 +68,60 @@ def abstract_tree(tree: Any) -> Any:
 
 
 def save(manager: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any, loader, metadata: dict) -> None:
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-        data_iterator=grain.checkpoint.CheckpointSave(loader), metadata=ocp.args.JsonSave(metadata)), force=True)
+    """Starts an asynchronous save; orbax first waits for the previous one, so its failure surfaces here."""
+    with _explain_disk_full(manager.directory, _nbytes((params, opt_state))):
+        manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            data_iterator=grain.checkpoint.CheckpointSave(loader), metadata=ocp.args.JsonSave(metadata)), force=True)
+
+
+def wait_for_saves(manager: ocp.CheckpointManager, state_like: Any) -> None:
+    """Blocks until the last asynchronous save is complete; `state_like` (what is saved) sizes the error."""
+    with _explain_disk_full(manager.directory, _nbytes(state_like)):
+        manager.wait_until_finished()
+
+
+class CheckpointDiskFullError(OSError, ValueError):
+    """No space or quota left where checkpoints are written. A ValueError too, so that the entry points report it
+    as one line (see launch.run)."""
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT as an OSError, or inside tensorstore's error text (orbax raises those as ValueError)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(code in str(error) for code in ("os_error_code='28'", "os_error_code='122'")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _format_size(size: int) -> str:
+    return tqdm.format_sizeof(size, "B", 1000)
+
+
+@contextlib.contextmanager
+def _explain_disk_full(directory, checkpoint_bytes: int):
+    try:
+        yield
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        directory = epath.Path(directory)
+        free = "" if "://" in str(directory) else f" ({_format_size(shutil.disk_usage(directory).free)} free there)"
+        finished = sorted(ocp.path.step.checkpoint_steps(directory))
+        kept = (f"The finished checkpoints there (step{'s' * (len(finished) > 1)} {', '.join(map(str, finished))}) "
+                "are intact" if finished else "No checkpoint there was finished")
+        raise CheckpointDiskFullError(errno.ENOSPC, (
+            f"no space left to write a checkpoint in {directory}{free}: one takes about "
+            f"{_format_size(checkpoint_bytes)}, and a new one is written before the oldest kept one is removed. "
+            f"{kept}: free space (or keep fewer with --config.keep_checkpoints) and rerun the same command; it "
+            f"resumes from the newest intact checkpoint")) from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +240,14 @@ def save_best(workdir, step: int, params: Any, metadata: dict) -> epath.Path:
     """Writes `<workdir>/best/<step>/` (params and metadata) synchronously, replacing the previous best only
     once the new one is complete."""
     directory = epath.Path(workdir) / BEST_SUBDIR
+    # cleanup_tmp_directories: a best save that failed (a full disk) leaves a half-written step; it goes here.
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, enable_async_checkpointing=False, create=True), item_names=("params", "metadata"))
+        max_to_keep=1, enable_async_checkpointing=False, create=True, cleanup_tmp_directories=True),
+        item_names=("params", "metadata"))
     if step not in manager.all_steps():
-        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                   metadata=ocp.args.JsonSave(metadata)), force=True)
+        with _explain_disk_full(directory, _nbytes(params)):
+            manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                       metadata=ocp.args.JsonSave(metadata)), force=True)
     manager.close()
     return directory
 

@@ -221,8 +221,8 @@ def _run(trainer: Trainer, manager, best: checkpoints.BestRecord | None) -> Loop
         profile.stop()
         preemption.close()
         progress.close()
-        manager.wait_until_finished()
         reporter.close()
+        checkpoints.wait_for_saves(manager, trainer.split_state(trainer.state))  # a full disk surfaces here
     return LoopResult(done, stopped_by, last_values, best)
 
 
