@@ -13,6 +13,7 @@ import sys
 
 from absl import logging
 
+from data_prep.atomic import DiskFullError
 from data_prep.builder import BuildConfig, build_dataset
 from data_prep.sources import LAYOUTS
 
@@ -47,7 +48,11 @@ def parse_args(argv: list[str]) -> BuildConfig:
 
 def main(argv: list[str] | None = None) -> None:
     logging.set_verbosity(logging.INFO)
-    manifest = build_dataset(parse_args(sys.argv[1:] if argv is None else argv))
+    try:
+        manifest = build_dataset(parse_args(sys.argv[1:] if argv is None else argv))
+    except DiskFullError as error:  # its message names the file, the space needed and what to do
+        print(f"error: {error.strerror}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({"complete": manifest["complete"], "splits": manifest["splits"],
                       "failures": len(manifest["failures"]), "skipped": len(manifest["skipped"])}, indent=1))
 

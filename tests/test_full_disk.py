@@ -5,6 +5,7 @@ completes the build, or the run as the uninterrupted one does."""
 import pickle
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from marlin_jax.data.shards import load_manifest
 from marlin_jax.training import checkpoints
 from tiny_pretraining import make_small_demo, read_metrics, run_env, run_train, without_timing
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DISK_BYTES = 8 * 2**20
 NUM_VIDEOS = 6
 
@@ -109,6 +111,19 @@ def test_a_write_that_does_not_fit_leaves_the_old_file_and_no_temporary(small_di
         with atomic_path(target) as temp:
             temp.write_bytes(b"x" * (1024 * 1024))
     assert target.read_text() == "old" and not list(small_disk.glob("*.tmp"))
+
+
+def test_the_build_command_reports_a_full_disk_in_one_line(videos, reference, small_disk):
+    _fill(small_disk, sum(map(len, reference.values())) // NUM_VIDEOS // 2)
+    output = small_disk / "shards"
+    result = subprocess.run([sys.executable, "-m", "data_prep.build", f"--input={videos}", f"--output={output}",
+                             "--workers=1", "--val-fraction=0", "--shard-size=2", "--image-size=112"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left for {output}/"), result.stderr[-3000:]
+    assert "rerun the same command" in errors[0]
 
 
 def test_the_error_survives_a_worker_process_boundary():
