@@ -165,7 +165,7 @@ class BenchmarkStep:
     def __init__(self, arch: MarlinArchitecture, batch_size: int):
         self.settings = StepSettings(arch, compute_dtype=jnp.bfloat16)
         schedule = optax.constant_schedule(1.5e-4)
-        g_tx, d_tx = make_optimizer(ADAMW, schedule), make_optimizer(ADAMW, schedule)
+        g_tx, d_tx = make_optimizer(ADAMW), make_optimizer(ADAMW)
         self.state = nn.meta.unbox(init_train_state(jax.random.key(0), arch, g_tx, d_tx))
         self.batch = random_batch(arch, batch_size)
         self.key = jax.random.key(1)

@@ -120,7 +120,7 @@ def pretrain_function(size: str, batch: int):
     arch = SIZES[size]
     settings = StepSettings(arch, mask_strategy="random", visible_ratio=0.1, adv_weight=0.01)
     schedule = optax.constant_schedule(1e-4)
-    g_tx, d_tx = make_optimizer(ADAMW, schedule), make_optimizer(ADAMW, schedule)
+    g_tx, d_tx = make_optimizer(ADAMW), make_optimizer(ADAMW)
     state = nn.meta.unbox(init_train_state(jax.random.key(0), arch, g_tx, d_tx))
     step = jax.jit(make_train_step(settings, g_tx, d_tx, schedule))
     batch_arrays = jax.device_put(random_batch(arch, batch))

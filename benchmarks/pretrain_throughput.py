@@ -92,7 +92,7 @@ class JaxTrainer:
         self.settings = StepSettings(arch, mask_strategy="random", visible_ratio=VISIBLE_RATIO, adv_weight=ADV_WEIGHT,
                                      compute_dtype=dtype, remat=remat)
         schedule = optax.constant_schedule(LEARNING_RATE)
-        g_tx, d_tx = make_optimizer(ADAMW, schedule), make_optimizer(ADAMW, schedule)
+        g_tx, d_tx = make_optimizer(ADAMW), make_optimizer(ADAMW)
         self.state = nn.meta.unbox(init_train_state(jax.random.key(0), arch, g_tx, d_tx))
         self.batch = jax.device_put(batch)
         self.keys = list(jax.random.split(jax.random.key(1), 64))
