@@ -141,11 +141,6 @@ def test_export_takes_the_newest_intact_step(reference, torch, tmp_path):
     assert named.returncode == 2 and f"checkpoint step 6 in {workdir / 'checkpoints'} is damaged" in named.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "grain 0.2.18: InterleaveDatasetIterator.set_state keeps the state's lists and mutates them as it reads on, "
-    "and WindowShuffleIterDataset hands it the window-start state it saves next, so a restored loader saves a "
-    "wrong window start; fix: deep-copy that state in marlin_jax/data/pipeline.py (found by "
-    "benchmarks/preemption_soak.py)"))
 def test_a_data_iterator_resumed_twice_yields_the_uninterrupted_batches(shards):
     """A run preempted twice: restored at batch 8, checkpointed again at 12, restored again."""
     def loader():

@@ -19,6 +19,7 @@ restored loader yields the batches the original would have yielded next. The sta
 `worker_count`, so restore with the same value.
 """
 
+import copy
 import os
 
 import grain
@@ -70,8 +71,8 @@ def make_pretrain_loader(
     if shuffle:
         paths = paths.shuffle(seed=int(file_seed))
     paths = paths.repeat(num_epochs)
-    records = grain.experimental.InterleaveIterDataset(paths.map(CheckedTFRecordDataset),
-                                                       cycle_length=min(cycle_length, len(files)))
+    records = _CopiedState(grain.experimental.InterleaveIterDataset(paths.map(CheckedTFRecordDataset),
+                                                                    cycle_length=min(cycle_length, len(files))))
     clips = records.random_map(skip_corrupt(SampleClipFrames(num_frames, temporal_sample_rate)),
                                seed=int(sample_seed))
     if shuffle:
@@ -88,6 +89,27 @@ def make_pretrain_loader(
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                                    per_worker_buffer_size=worker_buffer_size))
     return iter(CorruptRecordTotals(batches, sum(shard.num_records for shard in files)))
+
+
+class _CopiedStateIterator(grain.DatasetIterator):
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return copy.deepcopy(self._parent.get_state())
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(copy.deepcopy(state))
+
+
+class _CopiedState(grain.IterDataset):
+    """Passes its parent's elements through and only copies of states in and out. grain 0.2.18's interleave keeps
+    the lists `set_state` hands it and mutates them as it reads on, while the window shuffle keeps the state it
+    saved at its window start: without copies, a loader restored once checkpoints a wrong position later."""
+
+    def __iter__(self) -> _CopiedStateIterator:
+        return _CopiedStateIterator(self._parent.__iter__())
 
 
 def _process_placement(process_index: int | None, process_count: int | None) -> tuple[int, int]:
