@@ -3,13 +3,26 @@ with TensorFlow for the tf.data cross-read."""
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import types
 
 import pytest
+
+# One persistent XLA compilation cache for the whole session, set before anything imports JAX and inherited by
+# every process the tests start (training, fine-tuning, export, the multi-process runs). A tiny run spends most
+# of its time compiling, and the same programs recur across test files; a cached program is the executable XLA
+# built, so results are unchanged. A cache the caller set is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_COMPILE_CACHE = tempfile.mkdtemp(prefix="marlin_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_COMPILE_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    atexit.register(shutil.rmtree, _SESSION_COMPILE_CACHE, ignore_errors=True)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES_DIR = REPO_ROOT.parent / "shared" / "data" / "marlin_samples"

@@ -1,6 +1,7 @@
 """Tiny pretraining runs through `python -m marlin_jax.train`, cheap enough to run, break and resume in tests:
-the tiny config at 32 px on demo shards built at 32 px, and a JAX compilation cache shared by a test module's runs
-(the same programs compile once; a cached program is the one XLA built, so losses are unchanged)."""
+the tiny config at 32 px on demo shards built at 32 px, and the JAX compilation cache that conftest.py shares with
+every run of the session (the same programs compile once; a cached program is the one XLA built, so losses are
+unchanged)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ def make_small_demo(output: pathlib.Path) -> pathlib.Path:
     return output / "shards"
 
 
-def run_env(compile_cache: pathlib.Path, devices: int | None = None) -> dict[str, str]:
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compile_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
+def run_env(compile_cache: pathlib.Path | None = None, devices: int | None = None) -> dict[str, str]:
+    """The environment of a test's runs: CPU, and a JAX compilation cache (the session's, which conftest.py sets,
+    unless `compile_cache` names another)."""
+    env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
+    if compile_cache is not None and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compile_cache)
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
