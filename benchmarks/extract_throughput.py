@@ -10,7 +10,8 @@ extraction uses (uint8 clips in), PyTorch through `marlin_pytorch.Marlin.extract
 Machines here are shared, so rounds interleave the two frameworks and each framework's 2048x2048 float32
 matmul probe, and the best round counts (interference only slows a round down); medians and per-round
 paired speedups are printed too. MFU (benchmarks/mfu.py) divides each framework's model FLOP/s (counted from
-the architecture; XLA's count beside it) by that framework's own matmul probe.
+the architecture; XLA's count beside it) by that framework's own matmul probe; "mfu_by_cpu_time" does the same
+per second of the process's CPU time, which other load on a shared machine hardly moves.
 
 End to end (`--videos`, default ../shared/data/marlin_samples): `marlin_jax.extraction.extract_videos` on
 every video there, as `python -m marlin_jax.extract` runs it: decode, (with --crop-face) MediaPipe face crop,
@@ -65,12 +66,6 @@ def import_marlin_pytorch():
     return marlin_pytorch
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def matmul_runners(size: int = mfu.PEAK_MATMUL_SIZE) -> dict[str, Runner]:
     a = np.random.default_rng(0).random((size, size), np.float32)
     jax_a, torch_a = jnp.asarray(a), torch.from_numpy(a)
@@ -114,13 +109,19 @@ def benchmark_model(marlin_pytorch, arch: MarlinArchitecture, batch_sizes: list[
     for run in runners.values():
         run()  # warm-up: caches, allocator, oneDNN primitives
     seconds = {key: [] for key in runners}
+    cpu_seconds = {key: [] for key in runners}
     for _ in range(rounds):
         for key, run in runners.items():
-            seconds[key].append(timed(run))
+            wall, cpu = mfu.timed(run)
+            seconds[key].append(wall)
+            cpu_seconds[key].append(cpu)
     flops = mfu.extraction_flops(arch)
-    peaks = {fw: 2 * mfu.PEAK_MATMUL_SIZE ** 3 / min(seconds["matmul", fw]) / 1e9 for fw in FRAMEWORKS}
+    matmul_flops = 2 * mfu.PEAK_MATMUL_SIZE ** 3
+    peaks = {fw: matmul_flops / min(seconds["matmul", fw]) / 1e9 for fw in FRAMEWORKS}
+    cpu_peaks = {fw: matmul_flops / min(cpu_seconds["matmul", fw]) / 1e9 for fw in FRAMEWORKS}
     result = {"model_flops_per_clip": flops, "xla_flops_per_clip": xla_flops_per_clip(params, arch),
-              "matmul_peak_gflops": {fw: round(peaks[fw], 1) for fw in FRAMEWORKS}}
+              "matmul_peak_gflops": {fw: round(peaks[fw], 1) for fw in FRAMEWORKS},
+              "matmul_gflops_per_cpu_second": {fw: round(cpu_peaks[fw], 1) for fw in FRAMEWORKS}}
     for framework in FRAMEWORKS:
         per_batch = {}
         for b in batch_sizes:
@@ -129,7 +130,9 @@ def benchmark_model(marlin_pytorch, arch: MarlinArchitecture, batch_sizes: list[
                 "clips_per_s": round(clips_per_s, 4),
                 "clips_per_s_median": round(b / statistics.median(seconds[b, framework]), 4),
                 "achieved_gflops": round(clips_per_s * flops / 1e9, 1),
-                "mfu": round(mfu.mfu(clips_per_s, flops, peaks[framework]), 3)}
+                "mfu": round(mfu.mfu(clips_per_s, flops, peaks[framework]), 3),
+                "mfu_by_cpu_time": round(mfu.mfu(b / min(cpu_seconds[b, framework]), flops, cpu_peaks[framework]),
+                                         3)}
         result[framework] = per_batch
     best = {fw: max(r["clips_per_s"] for r in result[fw].values()) for fw in FRAMEWORKS}
     result["best_clips_per_s"] = best

@@ -1,12 +1,16 @@
 """Model FLOPs utilisation (MFU), shared by the benchmark scripts: the peak they divide by, the FLOPs they count.
 
-- `jax_matmul_gflops`, `torch_matmul_gflops`: the best-of-N rate of one n x n matmul in each framework on this
-  machine, measured in the same run as the model, so that a change of CPU or of machine load moves both.
+- `jax_matmul_rates`, `torch_matmul_rates`: the best-of-N rate of one n x n matmul in each framework on this
+  machine, measured in the same run as the model, so that a change of CPU or of machine load moves both: per
+  second of wall time, and per second of this process's CPU time (`timed`).
 - `extraction_flops`, `pretraining_flops`: FLOPs per clip counted from the architecture, 2 per multiply-add of
   every matmul (the model FLOPs: nothing for recomputation, softmax or normalisation).
 - `xla_flops`: XLA's own count, the cross-check. The function is lowered for TPU, where attention is one
   `dot_product_attention` call: on the CPU it loops over query chunks, and XLA counts a loop body once.
-- `mfu`: achieved model FLOP/s over the peak.
+- `mfu`: achieved model FLOP/s over the peak. Computed from CPU time on both sides (FLOPs per CPU-second over
+  the matmul's FLOPs per CPU-second) it is the share of the cores' work that was useful, which other processes'
+  load hardly changes, while wall-clock MFU drops as soon as they take the cores; on an idle machine the wall
+  MFU is at most the CPU-time one (threads that wait add wall time, not CPU time).
 - `machine`: the CPU model, the instruction-set extensions that decide the peak, and the load average.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import time
 from typing import Callable
 
@@ -27,24 +32,43 @@ PEAK_MATMUL_SIZE = 2048
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def best_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` calls after one warm-up call; run() must block until its work is done."""
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (XLA's and torch's pools included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(run: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one call; run() must block until its work is done."""
+    start_wall, start_cpu = time.perf_counter(), cpu_seconds()
     run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return time.perf_counter() - start_wall, cpu_seconds() - start_cpu
+
+
+def best_times(run: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Fastest wall and fastest CPU time of `repeats` calls, after one warm-up call."""
+    run()
+    times = [timed(run) for _ in range(repeats)]
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
+def _rates(flops: float, times: tuple[float, float]) -> dict[str, float]:
+    return {"wall": flops / times[0] / 1e9, "per_cpu_second": flops / times[1] / 1e9}
+
+
+def jax_matmul_rates(n: int = PEAK_MATMUL_SIZE, dtype=jnp.float32, repeats: int = 8) -> dict[str, float]:
+    """GFLOP/s of an n x n matmul: {"wall": per second, "per_cpu_second": per second of CPU time}."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    matmul = jax.jit(jnp.dot)
+    return _rates(2 * n ** 3, best_times(lambda: matmul(a, a).block_until_ready(), repeats))
 
 
 def jax_matmul_gflops(n: int = PEAK_MATMUL_SIZE, dtype=jnp.float32, repeats: int = 8) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    matmul = jax.jit(jnp.dot)
-    return 2 * n ** 3 / best_seconds(lambda: matmul(a, a).block_until_ready(), repeats) / 1e9
+    """The wall-clock rate alone (accelerators, and scripts that report only wall time)."""
+    return jax_matmul_rates(n, dtype, repeats)["wall"]
 
 
-def torch_matmul_gflops(n: int = PEAK_MATMUL_SIZE, dtype=None, device: str = "cpu", repeats: int = 8) -> float:
+def torch_matmul_rates(n: int = PEAK_MATMUL_SIZE, dtype=None, device: str = "cpu", repeats: int = 8) -> dict[str, float]:
     import torch
     a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
 
@@ -52,7 +76,7 @@ def torch_matmul_gflops(n: int = PEAK_MATMUL_SIZE, dtype=None, device: str = "cp
         torch.mm(a, a)
         if device == "cuda":
             torch.cuda.synchronize()
-    return 2 * n ** 3 / best_seconds(run, repeats) / 1e9
+    return _rates(2 * n ** 3, best_times(run, repeats))
 
 
 def _transformer_flops(depth: int, tokens: int, dim: int, mlp_dim: int) -> int:

@@ -12,7 +12,9 @@ masks), two AdamW optimisers (betas 0.9/0.95, eps 1e-8, no weight decay), advers
   does: forward, D loss on the non-detached prediction, D step; zero G grads; forward again, G step.
 Timed rounds alternate between the two, so a change in the machine's load hits both. MFU (benchmarks/mfu.py)
 divides each side's achieved model FLOP/s by its own framework's 2048x2048 matmul rate, measured before and
-after the runs. Model FLOPs are counted from the architecture for both sides; XLA's count (the step lowered
+after the runs; "mfu_by_cpu_time" does the same per second of the process's CPU time, the figure that other
+load on a shared machine hardly moves (torch's OpenMP threads spin while they wait, which counts against
+it there). Model FLOPs are counted from the architecture for both sides; XLA's count (the step lowered
 for TPU) and torch's FLOP counter (one official iteration) are printed beside them as cross-checks. Prints
 one JSON object on stdout; progress goes to stderr.
 """
@@ -70,14 +72,18 @@ def import_marlin_pytorch():
     return marlin_pytorch
 
 
-def measure_peaks(args) -> dict[str, float]:
-    """GFLOP/s of one square matmul in each framework (best of 8)."""
-    return {"jax": mfu.jax_matmul_gflops(args.peak_size, args.jax_dtype),
-            "torch": mfu.torch_matmul_gflops(args.peak_size, args.torch_dtype, args.torch_device)}
+def measure_peaks(args) -> dict[str, dict[str, float]]:
+    """GFLOP/s of one square matmul in each framework (best of 8), per wall second and per CPU-second."""
+    return {"jax": mfu.jax_matmul_rates(args.peak_size, args.jax_dtype),
+            "torch": mfu.torch_matmul_rates(args.peak_size, args.torch_dtype, args.torch_device)}
 
 
-def _rounded(gflops: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 1) for k, v in gflops.items()}
+def _best_peaks(*measured: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {fw: {kind: max(m[fw][kind] for m in measured) for kind in measured[0][fw]} for fw in measured[0]}
+
+
+def _rounded(peaks: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {fw: {kind: round(v, 1) for kind, v in rates.items()} for fw, rates in peaks.items()}
 
 
 def _synchronize(device: str) -> None:
@@ -103,13 +109,14 @@ class JaxTrainer:
         self.compile_s = time.perf_counter() - start
         self.xla_flops = mfu.xla_flops(jitted, self.state, self.batch, self.keys[0])
 
-    def run(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.state, metrics = self.step_fn(self.state, self.batch, self.keys[self.calls % len(self.keys)])
-            self.calls += 1
-        jax.block_until_ready((self.state, metrics))
-        return time.perf_counter() - start
+    def run(self, steps: int) -> tuple[float, float]:
+        """(wall, CPU) seconds of `steps` steps."""
+        def steps_done():
+            for _ in range(steps):
+                self.state, metrics = self.step_fn(self.state, self.batch, self.keys[self.calls % len(self.keys)])
+                self.calls += 1
+            jax.block_until_ready((self.state, metrics))
+        return mfu.timed(steps_done)
 
 
 class OfficialIteration:
@@ -170,13 +177,14 @@ class OfficialIteration:
         g_loss.backward()
         self.g_optimizer.step()
 
-    def run(self, steps: int) -> float:
+    def run(self, steps: int) -> tuple[float, float]:
+        """(wall, CPU) seconds of `steps` iterations."""
+        def steps_done():
+            for _ in range(steps):
+                self.step()
+            _synchronize(self.device)
         _synchronize(self.device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        _synchronize(self.device)
-        return time.perf_counter() - start
+        return mfu.timed(steps_done)
 
     def counted_step(self) -> float:
         """One step under torch's FLOP counter (matmuls, convolutions, attention); returns its FLOPs."""
@@ -194,33 +202,37 @@ def random_batch(arch: MarlinArchitecture, batch_size: int) -> dict[str, np.ndar
             "occupancy": np.ones((batch_size, t, h, w, 11), bool)}  # random masks use only its shape
 
 
-def framework_result(seconds: list[float], steps: int, batch_size: int, flops_per_clip: float,
-                     peak_gflops: float) -> dict:
-    """Mean and best-round clips/s, with the GFLOP/s and MFU of each (interference only slows a round)."""
-    clips_per_s = len(seconds) * steps * batch_size / sum(seconds)
-    per_round = [steps * batch_size / s for s in seconds]
+def framework_result(times: list[tuple[float, float]], steps: int, batch_size: int, flops_per_clip: float,
+                     peak: dict[str, float]) -> dict:
+    """Mean and best-round clips/s with their GFLOP/s and MFU (interference only slows a round), and the MFU by
+    CPU time: FLOPs per CPU-second of the best round over the matmul's (benchmarks/mfu.py)."""
+    clips = steps * batch_size
+    clips_per_s = len(times) * clips / sum(wall for wall, _ in times)
+    per_round = [clips / wall for wall, _ in times]
+    clips_per_cpu_s = max(clips / cpu for _, cpu in times)
     return {"clips_per_s": round(clips_per_s, 4), "clips_per_s_per_round": [round(r, 4) for r in per_round],
             "clips_per_s_best_round": round(max(per_round), 4),
             "model_flops_per_clip": flops_per_clip,
             "achieved_gflops": round(clips_per_s * flops_per_clip / 1e9, 2),
-            "mfu": round(mfu.mfu(clips_per_s, flops_per_clip, peak_gflops), 3),
-            "mfu_best_round": round(mfu.mfu(max(per_round), flops_per_clip, peak_gflops), 3)}
+            "mfu": round(mfu.mfu(clips_per_s, flops_per_clip, peak["wall"]), 3),
+            "mfu_best_round": round(mfu.mfu(max(per_round), flops_per_clip, peak["wall"]), 3),
+            "mfu_by_cpu_time": round(mfu.mfu(clips_per_cpu_s, flops_per_clip, peak["per_cpu_second"]), 3)}
 
 
 def timed_rounds(name: str, args, jax_trainer: JaxTrainer, torch_trainer: OfficialIteration):
-    """Seconds per round for each framework, after the warm-up; rounds alternate between the two."""
+    """(wall, CPU) seconds per round for each framework, after the warm-up; rounds alternate between the two."""
     jax_trainer.run(args.warmup)
     torch_trainer.run(args.warmup - 1)  # its first warm-up step ran under the FLOP counter
-    jax_seconds, torch_seconds = [], []
+    jax_times, torch_times = [], []
     for round_index in range(args.rounds):
-        jax_seconds.append(jax_trainer.run(args.steps))
-        torch_seconds.append(torch_trainer.run(args.steps))
-        log(f"[{name}] round {round_index + 1}/{args.rounds}: JAX {jax_seconds[-1] / args.steps:.3f} s/step, "
-            f"PyTorch {torch_seconds[-1] / args.steps:.3f} s/step")
-    return jax_seconds, torch_seconds
+        jax_times.append(jax_trainer.run(args.steps))
+        torch_times.append(torch_trainer.run(args.steps))
+        log(f"[{name}] round {round_index + 1}/{args.rounds}: JAX {jax_times[-1][0] / args.steps:.3f} s/step, "
+            f"PyTorch {torch_times[-1][0] / args.steps:.3f} s/step")
+    return jax_times, torch_times
 
 
-def benchmark_size(name: str, args, marlin_pytorch, peaks_before: dict[str, float]) -> dict:
+def benchmark_size(name: str, args, marlin_pytorch, peaks_before: dict) -> dict:
     arch = SIZES[name]
     batch = random_batch(arch, args.batch_size)
     log(f"[{name}] compiling the JAX step")
@@ -230,17 +242,17 @@ def benchmark_size(name: str, args, marlin_pytorch, peaks_before: dict[str, floa
                                       args.torch_dtype)
     log(f"[{name}] warm-up: {args.warmup} step(s) each (the first PyTorch step under the FLOP counter)")
     torch_counted_flops = torch_trainer.counted_step() / args.batch_size
-    jax_seconds, torch_seconds = timed_rounds(name, args, jax_trainer, torch_trainer)
+    jax_times, torch_times = timed_rounds(name, args, jax_trainer, torch_trainer)
     # The peak right after this size's rounds, with the one before all sizes: the better of the two counts.
-    peaks = {k: max(v, peaks_before[k]) for k, v in measure_peaks(args).items()}
+    peaks = _best_peaks(measure_peaks(args), peaks_before)
     flops = mfu.pretraining_flops(arch, num_visible)
     result = {
         "visible_tokens_per_clip": f"{num_visible} of {arch.num_tokens}",
         "matmul_peak_gflops": _rounded(peaks),
-        "jax": {**framework_result(jax_seconds, args.steps, args.batch_size, flops["jax_step"], peaks["jax"]),
+        "jax": {**framework_result(jax_times, args.steps, args.batch_size, flops["jax_step"], peaks["jax"]),
                 "xla_flops_per_clip": jax_trainer.xla_flops / args.batch_size,
                 "compile_s": round(jax_trainer.compile_s, 1)},
-        "torch": {**framework_result(torch_seconds, args.steps, args.batch_size, flops["official_iteration"],
+        "torch": {**framework_result(torch_times, args.steps, args.batch_size, flops["official_iteration"],
                                      peaks["torch"]),
                   "flop_counter_flops_per_clip": torch_counted_flops},
         "generator_forward_flops_per_clip": flops["generator_forward"],

@@ -87,20 +87,20 @@ CPU_QUERY_CHUNK = 196
 
 
 def _query_chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """(B, H, N, E) -> (N / chunk, B, H, chunk, E)."""
-    b, h, n, e = x.shape
-    return x.reshape(b, h, n // chunk, chunk, e).transpose(2, 0, 1, 3, 4)
+    """(H, N, E) -> (N / chunk, H, chunk, E)."""
+    h, n, e = x.shape
+    return x.reshape(h, n // chunk, chunk, e).swapaxes(0, 1)
 
 
 def _merge_query_chunks(x: jax.Array) -> jax.Array:
-    c, b, h, q, e = x.shape
-    return x.transpose(1, 2, 0, 3, 4).reshape(b, h, c * q, e)
+    c, h, q, e = x.shape
+    return x.swapaxes(0, 1).reshape(h, c * q, e)
 
 
 def _softmax_weights(q, k):
     """Unnormalised softmax weights exp(logits - row max) of one query chunk, in float32. Written so that XLA:CPU
     fuses the max and the exp into the QK^T matmul: the (chunk, N) logits are never written out."""
-    logits = jnp.einsum("bhqe,bhke->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("hqe,hke->hqk", q, k, preferred_element_type=jnp.float32)
     return jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
 
 
@@ -109,25 +109,26 @@ def _attend_chunk(q, k, v):
     divides (chunk, E) values instead of the (chunk, N) weights."""
     weights = _softmax_weights(q, k)
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bhke->bhqe", weights.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+    out = jnp.einsum("hqk,hke->hqe", weights.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
     return out.astype(v.dtype), total
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _cpu_attention(q, k, v, chunk: int):
+def _clip_attention(q, k, v, chunk: int):
+    """One clip's (H, N, E) attention on the CPU, `chunk` queries at a time."""
     return _merge_query_chunks(jax.lax.map(lambda c: _attend_chunk(c, k, v)[0], _query_chunks(q, chunk)))
 
 
-def _cpu_attention_forward(q, k, v, chunk):
+def _clip_attention_forward(q, k, v, chunk):
     out, totals = jax.lax.map(lambda c: _attend_chunk(c, k, v), _query_chunks(q, chunk))
     out = _merge_query_chunks(out)
     return out, (q, k, v, out, totals)
 
 
-def _cpu_attention_backward(chunk, residuals, d_out):
+def _clip_attention_backward(chunk, residuals, d_out):
     """Flash attention's backward, one query chunk at a time: each chunk's probabilities are recomputed (the
-    QK^T matmul again) from the saved softmax denominators, instead of (B, H, N, N) probabilities being
-    stored, stacked and read back."""
+    QK^T matmul again) from the saved softmax denominators, instead of (H, N, N) probabilities being stored,
+    stacked and read back."""
     q, k, v, out, totals = residuals
     # sum_e dO * O per query: the softmax backward's row term, computed once for all chunks.
     row_dots = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
@@ -136,12 +137,12 @@ def _cpu_attention_backward(chunk, residuals, d_out):
         d_k, d_v = carry
         q_c, d_out_c, row_dot, total = chunk_values
         probs = _softmax_weights(q_c, k) / total
-        d_v = d_v + jnp.einsum("bhqk,bhqe->bhke", probs.astype(d_out_c.dtype), d_out_c,
+        d_v = d_v + jnp.einsum("hqk,hqe->hke", probs.astype(d_out_c.dtype), d_out_c,
                                preferred_element_type=jnp.float32)
-        d_probs = jnp.einsum("bhqe,bhke->bhqk", d_out_c, v, preferred_element_type=jnp.float32)
+        d_probs = jnp.einsum("hqe,hke->hqk", d_out_c, v, preferred_element_type=jnp.float32)
         d_logits = (probs * (d_probs - row_dot)).astype(q.dtype)
-        d_q = jnp.einsum("bhqk,bhke->bhqe", d_logits, k, preferred_element_type=jnp.float32).astype(q.dtype)
-        d_k = d_k + jnp.einsum("bhqk,bhqe->bhke", d_logits, q_c, preferred_element_type=jnp.float32)
+        d_q = jnp.einsum("hqk,hke->hqe", d_logits, k, preferred_element_type=jnp.float32).astype(q.dtype)
+        d_k = d_k + jnp.einsum("hqk,hqe->hke", d_logits, q_c, preferred_element_type=jnp.float32)
         return (d_k, d_v), d_q
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -150,11 +151,15 @@ def _cpu_attention_backward(chunk, residuals, d_out):
     return _merge_query_chunks(d_q), d_k.astype(k.dtype), d_v.astype(v.dtype)
 
 
-_cpu_attention.defvjp(_cpu_attention_forward, _cpu_attention_backward)
+_clip_attention.defvjp(_clip_attention_forward, _clip_attention_backward)
 
 
-def _cpu_query_chunk(num_tokens: int) -> int:
-    return CPU_QUERY_CHUNK if num_tokens % CPU_QUERY_CHUNK == 0 else num_tokens
+def _cpu_attention(q, k, v, scale: float):
+    """(B, H, N, E), one clip after another: a step's working set is then the same at any batch size."""
+    tokens = q.shape[2]
+    chunk = CPU_QUERY_CHUNK if tokens % CPU_QUERY_CHUNK == 0 else tokens
+    q = q * jnp.asarray(scale, q.dtype)
+    return jax.lax.map(lambda clip: _clip_attention(*clip, chunk), (q, k, v))
 
 
 def _accelerator_attention(q, k, v, scale: float, implementation: str | None):
@@ -185,11 +190,11 @@ def gpu_attention_implementation(dtype, head_dim: int) -> str:
 def attention(q, k, v, scale: float):
     """Softmax attention over (B, H, N, E) head-major arrays; q is not yet scaled.
 
-    CPU: the queries run in chunks of one frame (`CPU_QUERY_CHUNK`) through plain einsums, the softmax
-    normalised after the value matmul, and a custom backward that recomputes each chunk's probabilities from
-    the saved denominators. XLA:CPU then fuses each chunk's QK^T matmul with its max and exp, and never
-    materialises the (B, H, N, N) logits (59 MB per ViT-S clip) that `jax.nn.dot_product_attention` writes
-    and re-reads.
+    CPU: clip by clip, the queries run in chunks of one frame (`CPU_QUERY_CHUNK`) through plain einsums, the
+    softmax normalised after the value matmul, and a custom backward that recomputes each chunk's
+    probabilities from the saved denominators. XLA:CPU then fuses each chunk's QK^T matmul with its max and
+    exp, and never materialises the (B, H, N, N) logits (59 MB per ViT-S clip) that
+    `jax.nn.dot_product_attention` writes and re-reads.
     NVIDIA GPUs: `jax.nn.dot_product_attention` with `gpu_attention_implementation`; TPUs and others: its
     XLA implementation.
     """
@@ -197,7 +202,7 @@ def attention(q, k, v, scale: float):
     gpu_implementation = gpu_attention_implementation(q.dtype, q.shape[-1])
     return jax.lax.platform_dependent(
         q, k, v,
-        cpu=lambda q, k, v: _cpu_attention(q * jnp.asarray(scale, q.dtype), k, v, _cpu_query_chunk(q.shape[2])),
+        cpu=functools.partial(_cpu_attention, scale=scale),
         cuda=functools.partial(_accelerator_attention, scale=scale, implementation=gpu_implementation),
         default=functools.partial(_accelerator_attention, scale=scale, implementation="xla"))
 
