@@ -105,7 +105,9 @@ def serialize_clip(record: ClipRecord) -> bytes:
         SPLIT: _bytes(record.split.encode()),
     }
     example = tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=features))
-    return example.SerializeToString()
+    # deterministic: the features are a protobuf map, which is otherwise written in an order that changes from
+    # process to process; sorted, a clip gives the same bytes in any worker, so rebuilt shards are identical.
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_clip(data: bytes) -> ClipRecord:
