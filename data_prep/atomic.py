@@ -1,10 +1,13 @@
-"""Files that appear whole or not at all: written under a temporary name in the same folder, then renamed.
+"""Files that appear whole or not at all, on a local disk or in a bucket.
 
-`os.replace` within one filesystem is atomic, so a reader (or a rerun after a crash) sees either the old
-file or the complete new one. Temporary names end in `.tmp`; a crash can leave one behind, which the next
-write to the same path overwrites (or `remove_temporaries` deletes).
+Locally a file is written under a temporary name in the same folder, then renamed: `os.replace` within one
+filesystem is atomic, so a reader (or a rerun after a crash) sees either the old file or the complete new one.
+Temporary names end in `.tmp`; a crash can leave one behind, which the next write to the same path overwrites
+(or `remove_temporaries` deletes). Object stores have no rename: there a file is uploaded under its final
+name and the upload is finalised only once the file is complete (`marlin_jax.storage.write_once`), so a
+killed writer leaves nothing behind.
 
-A full filesystem (or quota) raises `DiskFullError` naming the file, with the temporary deleted, so a
+A full local filesystem (or quota) raises `DiskFullError` naming the file, with the temporary deleted, so a
 failed write leaves no partial file behind and frees what it took.
 """
 
@@ -15,8 +18,11 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-TEMP_SUFFIX = ".tmp"
+from marlin_jax import storage
+
+TEMP_SUFFIX = storage.TEMP_SUFFIX
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -65,12 +71,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def remove_temporaries(folder: str | os.PathLike) -> None:
-    """Deletes the temporaries that crashed or killed writers left anywhere under `folder`."""
+@contextlib.contextmanager
+def atomic_file(path) -> Iterator[BinaryIO]:
+    """A binary file to write that appears under `path` (local or remote) only once the block ends without an
+    error: `atomic_path` on a local disk, an upload finalised at the end in a bucket."""
+    if storage.is_remote(path):
+        with storage.write_once(path) as file:
+            yield file
+        return
+    with atomic_path(path) as temp, open(temp, "wb") as file:
+        yield file
+
+
+def remove_temporaries(folder) -> None:
+    """Deletes the temporaries that crashed or killed writers left anywhere under a local `folder` (a bucket
+    holds none: an unfinished upload is never visible)."""
+    if storage.is_remote(folder):
+        return
     for temp in Path(folder).rglob(f"*{TEMP_SUFFIX}"):
         temp.unlink(missing_ok=True)
 
 
-def write_json(path: str | os.PathLike, value) -> None:
-    with atomic_path(path) as temp:
-        temp.write_text(json.dumps(value, indent=1) + "\n")
+def write_json(path, value) -> None:
+    with atomic_file(path) as file:
+        file.write((json.dumps(value, indent=1) + "\n").encode())

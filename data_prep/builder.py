@@ -2,12 +2,16 @@
 
 Work happens per source (`data_prep.process`): each finished source leaves a part file and a status file
 under `<output>/_work/`. When all sources of a planned shard are finished, their parts are concatenated (in
-plan order) into the shard under a temporary name and renamed into place, the manifest is rewritten
-atomically, and only then are the parts deleted. A rerun therefore skips finished shards (manifest) and
-finished sources (status files), and redoes at most the sources that were in flight; shard files that
-exist but are not marked done in the manifest are rebuilt, and loaders read only the manifest's list.
+plan order) into the shard, which appears whole or not at all (`data_prep.atomic.atomic_file`: renamed into
+place on a local disk, an upload finalised at the end in a bucket), the manifest is rewritten the same way,
+and only then are the parts deleted. A rerun therefore skips finished shards (manifest) and finished sources
+(status files), and redoes at most the sources that were in flight; shard files that exist but are not
+marked done in the manifest are rebuilt, and loaders read only the manifest's list. The manifest that says
+`complete` is written after the last shard.
 
-A full disk stops the build with a `DiskFullError` that names the file and estimates what the rest of the
+The input and the output may be local folders or bucket paths (`etils.epath`).
+
+A full local disk stops the build with a `DiskFullError` that names the file and estimates what the rest of the
 build needs; everything finished is kept and half-written files are removed, so a rerun after freeing space
 completes the build.
 """
@@ -19,21 +23,23 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import cv2
 from absl import logging
+from etils import epath
 from tqdm import tqdm
 
 from data_prep import process
-from data_prep.atomic import (DiskFullError, atomic_path, disk_full_error, format_size, remove_temporaries,
+from data_prep.atomic import (DiskFullError, atomic_file, disk_full_error, format_size, remove_temporaries,
                               write_json)
 from data_prep.manifest import make_manifest, tool_versions
 from data_prep.plan import ShardPlan, part_name, plan_fingerprint, plan_shards
 from data_prep.sources import Source, plan_sources
+from marlin_jax import storage
 from marlin_jax.data.shards import MANIFEST_NAME, load_manifest
 
 WORK_DIR = "_work"
+_COPY_CHUNK_BYTES = 4 * 2**20  # parts are copied into a shard in reads this large: few requests to a bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +73,14 @@ def build_dataset(config: BuildConfig, cropper_factory: Callable[[], process.Cro
     if config.workers < 1:
         raise ValueError(f"workers must be at least 1, got {config.workers}")
     sources, skipped = plan_sources(config.input_dir, config.layout, config.split_csv_dir, config.val_fraction)
-    build = _Build(config, plan_shards(sources, config.shard_size), skipped)
+    build = BuildState(config, plan_shards(sources, config.shard_size), skipped)
     try:
         return _process_and_assemble(build, config, cropper_factory)
     except DiskFullError as error:
         raise build.disk_full(error) from error
 
 
-def _process_and_assemble(build: "_Build", config: BuildConfig,
+def _process_and_assemble(build: "BuildState", config: BuildConfig,
                            cropper_factory: Callable[[], process.Cropper] | None) -> dict:
     build.resume()
     pending = build.pending_sources()
@@ -95,7 +101,7 @@ def _process_and_assemble(build: "_Build", config: BuildConfig,
     return build.finish()
 
 
-def _run(tasks: list[tuple[Source, Path]], factory, settings, workers: int) -> Iterator[dict]:
+def _run(tasks: list[tuple[Source, epath.Path]], factory, settings, workers: int) -> Iterator[dict]:
     """Status of each task as it finishes: in this process for one worker, else in a spawn pool."""
     if not tasks:
         return
@@ -127,18 +133,19 @@ def _init_worker(factory, settings) -> None:
     _worker_state["settings"] = settings
 
 
-def _process_in_worker(task: tuple[Source, Path]) -> dict:
+def _process_in_worker(task: tuple[Source, epath.Path]) -> dict:
     source, part_path = task
     return process.process_source(source, part_path, _worker_state["cropper"], _worker_state["settings"])
 
 
-class _Build:
-    """The state of one build: which shards are done, which sources are finished, the manifest."""
+class BuildState:
+    """The state of one build: which shards are done, which sources are finished, the manifest. Shared with
+    the Beam pipeline (`data_prep.beam_pipeline`)."""
 
     def __init__(self, config: BuildConfig, shards: list[ShardPlan], skipped: list[dict]):
         self.config = config
         self.shards = shards
-        self.output = Path(config.output_dir)
+        self.output = epath.Path(config.output_dir)
         self.work = self.output / WORK_DIR
         self.skipped = skipped
         self.fingerprint = plan_fingerprint(shards, config.content_settings())
@@ -147,7 +154,7 @@ class _Build:
         self.done_shards: set[str] = set()
         self.statuses: dict[str, dict] = {}
 
-    def part_path(self, source: Source) -> Path:
+    def part_path(self, source: Source) -> epath.Path:
         return self.work / source.split / f"{part_name(source.source_id)}.tfrecord"
 
     def resume(self) -> None:
@@ -156,15 +163,22 @@ class _Build:
         remove_temporaries(self.output)  # a killed run's half-written files only take space
         if (self.output / MANIFEST_NAME).is_file():
             self._adopt_manifest(load_manifest(self.output))
+        finished = self._status_files()
         for shard in self.shards:
             if shard.file in self.done_shards:
                 continue
             for source in shard.sources:
-                if (status := process.read_status(self.part_path(source))) is not None:
-                    self.statuses[source.source_id] = status
+                if process.status_path(self.part_path(source)) in finished:
+                    self.statuses[source.source_id] = process.read_status(self.part_path(source))
         self._write_manifest()
         for shard in self.shards:
             self._assemble_if_complete(shard)
+
+    def _status_files(self) -> set[epath.Path]:
+        """The status files of finished sources, found with one listing (not a request per source in a bucket)."""
+        if not self.work.is_dir():
+            return set()
+        return {path for path in storage.files_under(self.work) if path.suffix == ".json"}
 
     def _adopt_manifest(self, manifest: dict) -> None:
         if manifest["plan_fingerprint"] != self.fingerprint:
@@ -191,24 +205,23 @@ class _Build:
     def _assemble_if_complete(self, shard: ShardPlan) -> None:
         if shard.file in self.done_shards or any(s.source_id not in self.statuses for s in shard.sources):
             return
-        parts = [self.part_path(s) for s in shard.sources if self.statuses[s.source_id]["status"] == "ok"]
-        size = sum(part.stat().st_size for part in parts)
-        if shutil.disk_usage(self.output).free < size:
-            raise disk_full_error(self.output / shard.file, f"assembling it needs {format_size(size)}")
-        with atomic_path(self.output / shard.file) as temp, open(temp, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as data:
-                    shutil.copyfileobj(data, out)
+        write_shard(self.output / shard.file,
+                    [self.part_path(s) for s in shard.sources if self.statuses[s.source_id]["status"] == "ok"])
         self.done_shards.add(shard.file)
         self._write_manifest()
         for source in shard.sources:
             self.part_path(source).unlink(missing_ok=True)
             process.status_path(self.part_path(source)).unlink(missing_ok=True)
 
+    def add_done_shard(self, shard_file: str, statuses: list[dict]) -> None:
+        """Records a shard written elsewhere (by a Beam worker) and the statuses of its sources."""
+        self.statuses.update((status["source_id"], status) for status in statuses)
+        self.done_shards.add(shard_file)
+
     def _write_manifest(self) -> dict:
         manifest = make_manifest(shards=self.shards, done_shards=self.done_shards, statuses=self.statuses,
                                  skipped=self.skipped, settings=self.config.content_settings(),
-                                 input_dir=str(Path(self.config.input_dir).resolve()),
+                                 input_dir=_absolute(self.config.input_dir),
                                  fingerprint=self.fingerprint, versions=self.versions)
         write_json(self.output / MANIFEST_NAME, manifest)
         return manifest
@@ -237,14 +250,30 @@ class _Build:
         for shard in self.shards:
             ok = [s for s in shard.sources if self.statuses.get(s.source_id, {}).get("status") == "ok"]
             if shard.file in self.done_shards:
-                size, count = size + (self.output / shard.file).stat().st_size, count + len(ok)
+                size, count = size + (self.output / shard.file).stat().length, count + len(ok)
                 continue
             parts = [path for path in map(self.part_path, ok) if path.is_file()]
-            size, count = size + sum(path.stat().st_size for path in parts), count + len(parts)
+            size, count = size + sum(path.stat().length for path in parts), count + len(parts)
         return size, count
 
     def finish(self) -> dict:
         manifest = self._write_manifest()
-        if manifest["complete"]:
-            shutil.rmtree(self.work, ignore_errors=True)
+        if manifest["complete"] and self.work.exists():
+            self.work.rmtree()
         return manifest
+
+
+def write_shard(path: epath.Path, parts: list[epath.Path]) -> None:
+    """Concatenates the part files, in order, into the shard `path`, which appears whole or not at all."""
+    if not storage.is_remote(path):
+        size = sum(part.stat().length for part in parts)
+        if shutil.disk_usage(path.parent).free < size:
+            raise disk_full_error(path, f"assembling it needs {format_size(size)}")
+    with atomic_file(path) as out:
+        for part in parts:
+            with part.open("rb") as data:
+                shutil.copyfileobj(data, out, _COPY_CHUNK_BYTES)
+
+
+def _absolute(path: str) -> str:
+    return path if storage.is_remote(path) else str(epath.Path(path).resolve())

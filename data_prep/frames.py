@@ -2,17 +2,19 @@
 
 Videos are decoded with PyAV, with FFmpeg's frame/slice threading on `threads` threads; YouTube Faces folders
 are read image by image in natural order (`1.10.jpg` after `1.9.jpg`; the official loader sorts names as
-strings).
+strings). Both may sit in a bucket (`etils.epath`; a remote video is read through a file object).
 """
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import av
 import cv2
 import numpy as np
+from etils import epath
+
+from marlin_jax import storage
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 T = TypeVar("T")
@@ -20,7 +22,7 @@ T = TypeVar("T")
 
 def video_fps(path: str) -> float:
     """Average frame rate of the first video stream; 0.0 when the container does not say."""
-    with av.open(path) as container:
+    with storage.readable_source(path) as source, av.open(source) as container:
         stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate
         return float(rate) if rate else 0.0
@@ -28,7 +30,7 @@ def video_fps(path: str) -> float:
 
 def iter_video_frames(path: str, threads: int = 0) -> Iterator[np.ndarray]:
     """(H, W, 3) uint8 RGB frames of the first video stream; `threads` 0 lets FFmpeg choose (one per core)."""
-    with av.open(path) as container:
+    with storage.readable_source(path) as source, av.open(source) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         stream.thread_count = threads
@@ -48,12 +50,13 @@ def _natural_key(name: str) -> list:
 
 def iter_image_folder_frames(folder: str) -> Iterator[np.ndarray]:
     """(H, W, 3) uint8 RGB frames from the images of a folder, in natural name order."""
-    names = sorted((path.name for path in Path(folder).iterdir() if path.suffix.lower() in _IMAGE_EXTENSIONS),
+    folder = epath.Path(folder)
+    names = sorted((path.name for path in folder.iterdir() if path.suffix.lower() in _IMAGE_EXTENSIONS),
                    key=_natural_key)
     for name in names:
-        image = cv2.imread(str(Path(folder) / name), cv2.IMREAD_COLOR_RGB)
+        image = cv2.imdecode(np.frombuffer((folder / name).read_bytes(), np.uint8), cv2.IMREAD_COLOR_RGB)
         if image is None:
-            raise ValueError(f"cannot decode the image {Path(folder) / name}")
+            raise ValueError(f"cannot decode the image {folder / name}")
         yield image
 
 

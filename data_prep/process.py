@@ -4,25 +4,25 @@ Frames stream from the decoder through the face cropper, which holds only the fe
 encoded as they come out; a segment gathers only the encoded crops for its record. So memory stays small
 whatever the source's length or resolution.
 
-The part file appears (renamed into place) only once every segment is written, and the status file after
-it, so a status file is the proof that the source is finished. A source that cannot be decoded, or shows no
-face in any frame, gets a `failed` status with the reason and no part file; any other exception is a bug
-and propagates.
+The part file appears (renamed into place, or its upload finalised) only once every segment is written, and
+the status file after it, so a status file is the proof that the source is finished. A source that cannot be
+decoded, or shows no face in any frame, gets a `failed` status with the reason and no part file; any other
+exception is a bug and propagates.
 """
 
 import dataclasses
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Protocol
 
 import av
 import cv2
 import numpy as np
+from etils import epath
 
 from data_prep import frames as frame_io
-from data_prep.atomic import atomic_path, write_json
+from data_prep.atomic import atomic_file, write_json
 from data_prep.sources import Source
 from marlin_jax.data import codecs
 from marlin_jax.data.schema import ClipRecord, serialize_clip
@@ -48,24 +48,24 @@ class EncodeSettings:
     jpeg_quality: int
 
 
-def status_path(part_path: Path) -> Path:
+def status_path(part_path: epath.Path) -> epath.Path:
     return part_path.with_suffix(".json")
 
 
-def read_status(part_path: Path) -> dict | None:
+def read_status(part_path: epath.Path) -> dict | None:
     """The finished source's status, or None when it is not finished."""
     path = status_path(part_path)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def process_source(source: Source, part_path: Path, cropper: Cropper, settings: EncodeSettings) -> dict:
+def process_source(source: Source, part_path: epath.Path, cropper: Cropper, settings: EncodeSettings) -> dict:
     """Crops, encodes and writes one source; returns (and stores next to the part) its status."""
     start = time.perf_counter()
     part_path.parent.mkdir(parents=True, exist_ok=True)
     counts = {"num_frames": 0, "num_records": 0, "stored_frames": 0, "frames_with_face": 0,
               "segments_without_face": 0}
     try:
-        with atomic_path(part_path) as temp, RecordWriter(temp) as writer:
+        with atomic_file(part_path) as file, RecordWriter(file) as writer:
             _write_segments(source, cropper, settings, writer, counts)
             if counts["num_records"] == 0:
                 raise NoFaceError("no face found in any frame")

@@ -11,12 +11,18 @@ split) when a CSV directory is given; listed ids that are not found, and found i
 as skipped. Otherwise groups (a person for `ytf`, so no identity is in both splits; a file for `videos`) are
 sorted and every group whose evenly spaced slot falls to validation (`val_fraction` of them, exactly rounded
 down) goes to `val`.
+
+The input and the CSV folder may be local or in a bucket (`etils.epath`).
 """
 
 import csv
 import dataclasses
+import io
 import os
-from pathlib import Path
+
+from etils import epath
+
+from marlin_jax import storage
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 LAYOUTS = ("videos", "ytf")
@@ -31,14 +37,14 @@ class Source:
     split: str
 
 
-def find_sources(input_dir: str | os.PathLike, layout: str) -> dict[str, Path]:
+def find_sources(input_dir: str | os.PathLike, layout: str) -> dict[str, epath.Path]:
     """Source id -> path, for every source of `layout` under `input_dir`."""
-    root = Path(input_dir)
+    root = epath.Path(input_dir)
     if not root.is_dir():
         raise ValueError(f"input directory {root} does not exist")
     if layout == "videos":
-        found = {path.relative_to(root).as_posix(): path for path in root.rglob("*")
-                 if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file()}
+        found = {path.relative_to(root).as_posix(): path for path in storage.files_under(root)
+                 if path.suffix.lower() in VIDEO_EXTENSIONS}
     elif layout == "ytf":
         frames_root = root / _YTF_FRAMES_DIR
         if not frames_root.is_dir():
@@ -55,16 +61,16 @@ def read_split_csvs(csv_dir: str | os.PathLike) -> dict[str, str]:
     """Source id -> split from `<csv_dir>/{train,val}_set.csv` (the official MARLIN format: `path,len`)."""
     assignment = {}
     for split in SPLITS:
-        csv_path = Path(csv_dir) / f"{split}_set.csv"
+        csv_path = epath.Path(csv_dir) / f"{split}_set.csv"
         if not csv_path.is_file():
             raise ValueError(f"split CSV {csv_path} is missing")
-        with open(csv_path, newline="") as file:
-            reader = csv.DictReader(file)
-            if "path" not in (reader.fieldnames or ()):
-                raise ValueError(f"{csv_path} has no 'path' column (columns: {reader.fieldnames})")
-            for row in reader:
-                if assignment.setdefault(row["path"], split) != split:
-                    raise ValueError(f"{row['path']} is listed in both split CSVs")
+        # csv needs newline="" (epath's open has no such option): parse the text through a StringIO given it.
+        reader = csv.DictReader(io.StringIO(csv_path.read_text(), newline=""))
+        if "path" not in (reader.fieldnames or ()):
+            raise ValueError(f"{csv_path} has no 'path' column (columns: {reader.fieldnames})")
+        for row in reader:
+            if assignment.setdefault(row["path"], split) != split:
+                raise ValueError(f"{row['path']} is listed in both split CSVs")
     return assignment
 
 

@@ -12,7 +12,7 @@ A damaged newest checkpoint is skipped with a warning naming it; the newest inta
 
 from absl import flags
 
-from marlin_jax import launch
+from marlin_jax import launch, storage
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoints/ folder).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; the newest intact one when omitted.")
@@ -24,6 +24,8 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 
 def main(argv):
+    # Before launch.start: a wrong path is named within a second, before JAX loads or the hosts join.
+    storage.check_paths(inputs={"--workdir": _WORKDIR.value}, buckets={"--output": _OUTPUT.value})
     launch.start(argv)
     from etils import epath
 

@@ -21,7 +21,7 @@ import sys
 
 from absl import flags
 
-from marlin_jax import launch
+from marlin_jax import launch, storage
 from marlin_jax.extraction import REDUCTIONS
 
 _MODEL = flags.DEFINE_string("model", None, "Official name (marlin_vit_base_ytf, ...) or config file "
@@ -42,9 +42,13 @@ flags.mark_flags_as_required(["model", "weights", "output_dir"])
 
 
 def main(argv) -> None:
-    inputs = launch.start(argv, positional=True)
+    inputs = list(argv[1:])
     if not inputs:
         raise ValueError("name at least one video file or folder after the flags")
+    videos = {f"input {index + 1}": path for index, path in enumerate(inputs)}
+    # Before launch.start: a wrong path is named within a second, before JAX loads or the hosts join.
+    storage.check_paths(inputs={"--weights": _WEIGHTS.value}, buckets={"--output_dir": _OUTPUT_DIR.value, **videos})
+    launch.start(argv, positional=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("marlin_jax").setLevel(logging.INFO)
     from tqdm.contrib.logging import logging_redirect_tqdm

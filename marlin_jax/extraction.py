@@ -32,6 +32,7 @@ import tqdm
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from marlin_jax import storage
 from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.model import encode_clips
 from marlin_jax.video import VIDEO_SUFFIXES, video_windows
@@ -299,7 +300,7 @@ def find_videos(inputs: Sequence) -> list[tuple[epath.Path, str]]:
     for item in map(epath.Path, inputs):
         if item.is_dir():
             found += [(video, str(video.relative_to(item).with_name(f"{video.stem}.npy")))
-                      for video in _files_under(item) if video.suffix.lower() in VIDEO_SUFFIXES]
+                      for video in storage.files_under(item) if video.suffix.lower() in VIDEO_SUFFIXES]
         elif item.is_file():
             found.append((item, f"{item.stem}.npy"))
         else:
@@ -314,13 +315,8 @@ def find_videos(inputs: Sequence) -> list[tuple[epath.Path, str]]:
     return found
 
 
-def _files_under(folder: epath.Path) -> list[epath.Path]:
-    """Every file below `folder`, sorted (epath's walk works on buckets too, where rglob is refused)."""
-    return sorted(directory / name for directory, _, names in folder.walk() for name in names)
-
-
 def _identity(path: epath.Path) -> str:
-    return str(path) if "://" in str(path) else str(path.resolve())
+    return str(path) if storage.is_remote(path) else str(path.resolve())
 
 
 def extract_to_directory(model, inputs: Sequence, output_dir,
@@ -346,14 +342,8 @@ def extract_to_directory(model, inputs: Sequence, output_dir,
 
 
 def save_npy(path: epath.Path, array: np.ndarray) -> None:
-    """Writes the array under its final name only when complete: a local file is written beside and renamed; an
-    object store's upload becomes visible only once finished (one request), so no reader sees half of it."""
+    """Writes the array under its final name only when complete (`storage.write_once`), so no reader sees half
+    of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if "://" in str(path):
-        with path.open("wb") as file:
-            np.save(file, array)
-        return
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as file:
+    with storage.write_once(path) as file:
         np.save(file, array)
-    partial.replace(path)

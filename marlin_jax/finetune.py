@@ -10,7 +10,7 @@ see `marlin_jax.downstream.finetune.finetune_and_evaluate`. Multi-host flags as 
 
 from absl import logging
 
-from marlin_jax import launch
+from marlin_jax import launch, storage
 
 _CONFIG, _WORKDIR = launch.define_config_and_workdir(
     "Fine-tuning config file (configs/finetune/*.py[:arg]).",
@@ -18,9 +18,13 @@ _CONFIG, _WORKDIR = launch.define_config_and_workdir(
 
 
 def main(argv):
+    config = _CONFIG.value
+    # Before launch.start: a wrong path is named within a second, before JAX loads or the hosts join.
+    storage.check_paths(inputs={"--config.data.csv": config.data.csv, "--config.data.root": config.data.root,
+                                "--config.init_from": config.init_from}, buckets={"--workdir": _WORKDIR.value})
     launch.start(argv)
     from marlin_jax.downstream.finetune import finetune_and_evaluate
-    if finetune_and_evaluate(_CONFIG.value, _WORKDIR.value) is None:
+    if finetune_and_evaluate(config, _WORKDIR.value) is None:
         logging.warning("stopped by SIGTERM after saving a checkpoint; rerun the same command to continue")
 
 

@@ -8,7 +8,7 @@ Rerunning the same command resumes from the newest checkpoint in --workdir. On m
 --num_processes and --process_id. See `marlin_jax.pretraining.trainer.train_and_evaluate`.
 """
 
-from marlin_jax import launch
+from marlin_jax import launch, storage
 
 _CONFIG, _WORKDIR = launch.define_config_and_workdir(
     "Pretraining config file (configs/pretrain/*.py[:variant]).",
@@ -16,10 +16,16 @@ _CONFIG, _WORKDIR = launch.define_config_and_workdir(
 
 
 def main(argv):
+    config = _CONFIG.value
+    # Before launch.start: a wrong path is named within a second, before JAX loads or the hosts join.
+    evaluator_paths = {f"--config.evals.{name}.{key}": block[key] for name, block in config.evals.items()
+                       for key in ("path", "csv") if block.get(key)}
+    storage.check_paths(inputs={"--config.data.path": config.data.path, "--config.init_from": config.init_from,
+                                **evaluator_paths}, buckets={"--workdir": _WORKDIR.value})
     launch.start(argv)
     import jax
     from marlin_jax.pretraining.trainer import train_and_evaluate
-    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    metrics = train_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() == 0:
         print("final metrics:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 

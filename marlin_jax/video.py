@@ -26,6 +26,7 @@ The samplers, with `span = clip_frames * sample_rate` (32 for the official 16 fr
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -35,7 +36,8 @@ from typing import TypeVar
 
 import av
 import numpy as np
-from etils import epath
+
+from marlin_jax import storage
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -47,13 +49,17 @@ class VideoDecodeError(ValueError):
     """A video file that cannot be opened or decoded, or that has no frames."""
 
 
-def _open(path):
-    """An av container; local files by name (FFmpeg reads them itself), others through epath's file object."""
-    path = epath.Path(path)
-    try:
-        return av.open(path.open("rb")) if "://" in str(path) else av.open(str(path))
-    except (av.FFmpegError, OSError) as error:
-        raise VideoDecodeError(f"cannot open {path}: {_reason(error)}") from error
+@contextlib.contextmanager
+def _open(path) -> Iterator[av.container.InputContainer]:
+    """An av container; local files by name (FFmpeg reads them itself), remote ones through a file object that
+    fetches blocks as FFmpeg asks for them (`storage.readable_source`), closed with the container."""
+    with contextlib.ExitStack() as stack:
+        try:
+            container = av.open(stack.enter_context(storage.readable_source(path)))
+        except (av.FFmpegError, OSError) as error:
+            raise VideoDecodeError(f"cannot open {path}: {_reason(error)}") from error
+        with container:
+            yield container
 
 
 def _reason(error: Exception) -> str:

@@ -1,12 +1,14 @@
 """The shard directory that `data_prep.build` writes: `manifest.json` plus `<split>-NNNNN-of-MMMMM.tfrecord`.
 
 Readers take the shard list from the manifest, never from a directory listing, so a file that a running
-or interrupted build left behind is never read. The manifest's layout is documented in `data_prep.manifest`.
+or interrupted build left behind is never read. The directory may be local or in a bucket (`etils.epath`).
+The manifest's layout is documented in `data_prep.manifest`.
 """
 
 import json
 import os
-from pathlib import Path
+
+from etils import epath
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "marlin_jax.face_clips.tfrecord"
@@ -18,7 +20,7 @@ def shard_file_name(split: str, index: int, count: int) -> str:
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:
-    path = Path(data_dir) / MANIFEST_NAME
+    path = epath.Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ValueError(f"{data_dir} has no {MANIFEST_NAME}; build it with `python -m data_prep.build`")
     manifest = json.loads(path.read_text())
@@ -27,7 +29,7 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def split_shard_paths(data_dir: str | os.PathLike, split: str) -> list[Path]:
+def split_shard_paths(data_dir: str | os.PathLike, split: str) -> list[epath.Path]:
     """The finished, non-empty shards of `split`, in manifest order; ValueError if the build is unfinished."""
     manifest = load_manifest(data_dir)
     if not manifest["complete"]:
@@ -35,5 +37,5 @@ def split_shard_paths(data_dir: str | os.PathLike, split: str) -> list[Path]:
                          f"{len(manifest['shards'])} shards); rerun `python -m data_prep.build` to finish it")
     if split not in manifest["splits"]:
         raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(manifest['splits'])}")
-    return [Path(data_dir) / shard["file"] for shard in manifest["shards"]
+    return [epath.Path(data_dir) / shard["file"] for shard in manifest["shards"]
             if shard["split"] == split and shard["num_records"] > 0]

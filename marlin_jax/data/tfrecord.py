@@ -7,6 +7,9 @@ Each record on disk is
 (little endian), the format `tf.io.TFRecordWriter` writes and `tf.data.TFRecordDataset` reads. Files carry
 no header, so whole files concatenate into a valid file; the shard builder relies on that.
 
+Paths may be local or in a bucket (`etils.epath`). A remote file is streamed: gcsfs fetches it in blocks with
+read-ahead as records are read, so memory holds a block or two per open file, never the whole shard.
+
 The reader checks both checksums. A record whose data checksum fails is counted and skipped (the length was
 intact, so the next record is still found); a bad length checksum or a truncated tail loses the framing
 (`LostFramingError`), so the rest of the file is counted as one corrupt record and skipped. `strict=True`
@@ -15,11 +18,11 @@ raises instead. `RecordReader.read_next` raises for each damaged record, for rea
 
 import os
 import struct
-from pathlib import Path
 from typing import BinaryIO
 
 import google_crc32c
 from absl import logging
+from etils import epath
 
 _LENGTH = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
@@ -48,16 +51,22 @@ def frame_record(data: bytes) -> bytes:
 
 
 class RecordWriter:
-    """Appends framed records to a file; use as a context manager."""
+    """Appends framed records to a file; use as a context manager.
 
-    def __init__(self, path: str | os.PathLike):
-        self._file = open(path, "wb")
+    `target` is a path (local or remote, created or truncated) or a binary file that is already open, which
+    the writer leaves open for its owner (`marlin_jax.storage.write_once` makes the file appear only once it
+    is complete)."""
+
+    def __init__(self, target: str | os.PathLike | BinaryIO):
+        self._owns_file = not hasattr(target, "write")
+        self._file = epath.Path(target).open("wb") if self._owns_file else target
 
     def write(self, data: bytes) -> None:
         self._file.write(frame_record(data))
 
     def close(self) -> None:
-        self._file.close()
+        if self._owns_file:
+            self._file.close()
 
     def __enter__(self) -> "RecordWriter":
         return self
@@ -75,7 +84,7 @@ class RecordReader:
 
     def __init__(self, path: str | os.PathLike, offset: int = 0, *, corrupt_records: int = 0,
                  strict: bool = False):
-        self.path = Path(path)
+        self.path = epath.Path(path)
         self.offset = offset
         self.corrupt_records = corrupt_records
         self._strict = strict
@@ -99,7 +108,7 @@ class RecordReader:
         """The next record. A damaged one raises `CorruptRecordError` with the reader already past it (at the
         end of the file for `LostFramingError`); the end of the file raises StopIteration."""
         if self._file is None:
-            self._file = open(self.path, "rb")
+            self._file = self.path.open("rb")
             self._file.seek(self.offset)
         header = self._file.read(_HEADER_SIZE)
         if not header:

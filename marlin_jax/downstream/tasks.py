@@ -3,8 +3,8 @@
 One index serves the linear probe (features), in-training probes and fine-tuning (videos). Two layouts:
 
 CSV: `path,split,label` (binary 0/1, multiclass 0..C-1) or `path,split,label_0,...,label_K-1` (multilabel,
-each 0/1). `split` is train, val or test; `path` is relative to the CSV's folder unless absolute. Rows keep
-their file order within each split.
+each 0/1). `split` is train, val or test; `path` is relative to the CSV's folder unless absolute or in a
+bucket (`gs://...`; the CSV may sit in one too). Rows keep their file order within each split.
 
 CelebV-HQ (the official layout): `<root>/celebvhq_info.json` with
 `{"clips": {"<clip id>": {"attributes": {"appearance": [0/1 x 40], "action": [0/1 x 35]}}}}`, the files in
@@ -25,6 +25,8 @@ import re
 
 import numpy as np
 from etils import epath
+
+from marlin_jax import storage
 
 TASKS = ("binary", "multiclass", "multilabel")
 SPLITS = ("train", "val", "test")
@@ -131,6 +133,11 @@ def read_csv_rows(csv_path: epath.Path, task: str) -> tuple[list[dict[str, str]]
     return rows, columns
 
 
+def _listed_path(csv_path: epath.Path, listed: str) -> epath.Path:
+    """A CSV row's path: as written when it is in a bucket (joining would nest it), else below the CSV's folder."""
+    return epath.Path(listed) if storage.is_remote(listed) else csv_path.parent / listed
+
+
 def read_csv_task(csv_path, task: str, num_classes: int = 0) -> LabelledTask:
     """Every split listed in the CSV; `num_classes` <= 0 infers it from the largest multiclass label."""
     csv_path = epath.Path(csv_path)
@@ -145,7 +152,8 @@ def read_csv_task(csv_path, task: str, num_classes: int = 0) -> LabelledTask:
         indices = [i for i, row in enumerate(rows) if row["split"] == split]
         if indices:
             splits[split] = LabelledSplit(tuple(rows[i]["path"] for i in indices),
-                                          tuple(csv_path.parent / rows[i]["path"] for i in indices), labels[indices])
+                                          tuple(_listed_path(csv_path, rows[i]["path"]) for i in indices),
+                                          labels[indices])
     check_splits(splits, str(csv_path))
     return LabelledTask(task, count_outputs(labels, task, num_classes, csv_path), splits)
 

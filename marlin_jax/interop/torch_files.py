@@ -1,22 +1,27 @@
 """Reading and writing the PyTorch-side files: official `.pt` / Lightning `.ckpt`, VideoMAE `.pth`, and exports
 (`.pt` state_dict, the YAML that `marlin_pytorch.config.register_model_from_yaml` reads, `.safetensors`).
 
-torch is imported lazily: only these files need it (`pip install marlin_jax[torch]`).
+torch is imported lazily: only these files need it (`pip install marlin_jax[torch]`). Paths may be local or in a
+bucket (`etils.epath`): a remote checkpoint is read into memory and handed to torch as bytes, and every file
+written appears whole or not at all (`marlin_jax.storage.write_once`).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import pathlib
 import pickle
 import re
 import zipfile
-from typing import Mapping
+from typing import BinaryIO, Mapping
 
 import numpy as np
 import yaml
+from etils import epath
 
+from marlin_jax import storage
 from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.model import sincos_table
 
@@ -61,24 +66,36 @@ def _inert_globals() -> list:
             (numpy_scalar, "numpy.core.multiarray.scalar"), (numpy_scalar, "numpy._core.multiarray.scalar")]
 
 
-def _torch_load(path: pathlib.Path, trust_pickled_code: bool):
+def _readable(path: epath.Path) -> str | BinaryIO:
+    """What torch.load reads: a local file by name (torch maps it itself), a remote one as its bytes."""
+    return io.BytesIO(path.read_bytes()) if storage.is_remote(path) else str(path)
+
+
+def _rewound(source: str | BinaryIO) -> str | BinaryIO:
+    if not isinstance(source, str):
+        source.seek(0)
+    return source
+
+
+def _torch_load(path: epath.Path, trust_pickled_code: bool):
     torch = _torch()
+    source = _readable(path)
     with path.open("rb") as file:
         magic = file.read(2)
     # torch.save writes a zip archive (or, before torch 1.6, a pickle starting with the protocol byte).
-    if not (zipfile.is_zipfile(path) or magic[:1] == b"\x80"):
+    if not (zipfile.is_zipfile(_rewound(source)) or magic[:1] == b"\x80"):
         raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
     try:
         if trust_pickled_code:
             logging.warning("unpickling %s with weights_only=False: any code the file holds runs", path)
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(_rewound(source), map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_inert_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(_rewound(source), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise ValueError(f"{path} is not a PyTorch checkpoint: {error}") from None
         raise UntrustedCheckpointError(
-            f"{path} holds pickled objects that are not plain data ({_unsafe_globals(torch, path, error)}); "
+            f"{path} holds pickled objects that are not plain data ({_unsafe_globals(torch, source, error)}); "
             f"reading them could run code from the file, so it was not read. If you trust the file, allow "
             f"it with {TRUST_OPTIONS}; or, where you trust it, save only its weights: "
             f"torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.ckpt').") from None
@@ -86,11 +103,11 @@ def _torch_load(path: pathlib.Path, trust_pickled_code: bool):
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {type(error).__name__}: {error}") from None
 
 
-def _unsafe_globals(torch, path: pathlib.Path, error: pickle.UnpicklingError) -> str:
+def _unsafe_globals(torch, source: str | BinaryIO, error: pickle.UnpicklingError) -> str:
     """The classes and functions the file would need, found by reading its pickle without running it."""
     try:
         with torch.serialization.safe_globals(_inert_globals()):
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(_rewound(source))
     except (ValueError, RuntimeError):  # a legacy (pre-zip) file: only the error names the first one
         names = []
     if names:
@@ -137,7 +154,7 @@ def videomae_to_marlin(state: Mapping[str, np.ndarray], arch: MarlinArchitecture
     return renamed
 
 
-def read_torch_checkpoint(path: str | pathlib.Path, arch: MarlinArchitecture, *,
+def read_torch_checkpoint(path, arch: MarlinArchitecture, *,
                           trust_pickled_code: bool = False) -> dict[str, np.ndarray]:
     """Any supported PyTorch file -> a MARLIN-named state_dict of numpy arrays.
 
@@ -145,7 +162,7 @@ def read_torch_checkpoint(path: str | pathlib.Path, arch: MarlinArchitecture, *,
     that needs other classes or functions raises `UntrustedCheckpointError`. `trust_pickled_code=True`
     unpickles it fully instead, which runs whatever code the file holds: only for files you trust.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.suffix not in TORCH_SUFFIXES:
@@ -166,14 +183,15 @@ def read_torch_checkpoint(path: str | pathlib.Path, arch: MarlinArchitecture, *,
     return _to_numpy(loaded)
 
 
-def write_torch_state_dict(state: Mapping[str, np.ndarray], path: str | pathlib.Path) -> None:
+def write_torch_state_dict(state: Mapping[str, np.ndarray], path) -> None:
     torch = _torch()
-    torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}, pathlib.Path(path))
+    with storage.write_once(path) as file:
+        torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}, file)
 
 
-def write_safetensors(state: Mapping[str, np.ndarray], path: str | pathlib.Path) -> None:
-    from safetensors.numpy import save_file
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path))
+def write_safetensors(state: Mapping[str, np.ndarray], path) -> None:
+    from safetensors.numpy import save
+    storage.write_bytes_once(path, save({k: np.ascontiguousarray(v) for k, v in state.items()}))
 
 
 def marlin_pytorch_yaml(arch: MarlinArchitecture) -> dict:
@@ -190,5 +208,5 @@ def marlin_pytorch_yaml(arch: MarlinArchitecture) -> dict:
     }
 
 
-def write_marlin_pytorch_yaml(arch: MarlinArchitecture, path: str | pathlib.Path) -> None:
-    pathlib.Path(path).write_text(yaml.safe_dump(marlin_pytorch_yaml(arch), sort_keys=False))
+def write_marlin_pytorch_yaml(arch: MarlinArchitecture, path) -> None:
+    storage.write_bytes_once(path, yaml.safe_dump(marlin_pytorch_yaml(arch), sort_keys=False).encode())

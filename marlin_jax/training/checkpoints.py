@@ -40,6 +40,7 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
+from marlin_jax import storage
 from marlin_jax.architectures import MarlinArchitecture
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -90,12 +91,16 @@ def _nbytes(tree: Any) -> int:
     return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(tree))
 
 
+# How tensorstore (orbax raises its errors as ValueError) reports ENOSPC and EDQUOT.
+_DISK_FULL_TEXTS = ("os_error_code='28'", "os_error_code='122'", "No space left on device", "Disk quota exceeded")
+
+
 def _is_disk_full(error: BaseException | None) -> bool:
-    """ENOSPC/EDQUOT as an OSError, or inside tensorstore's error text (orbax raises those as ValueError)."""
+    """ENOSPC/EDQUOT anywhere in the chain of causes, as an OSError or in tensorstore's error text."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if any(code in str(error) for code in ("os_error_code='28'", "os_error_code='122'")):
+        if any(text in str(error) for text in _DISK_FULL_TEXTS):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -187,8 +192,7 @@ def _set_aside(manager: ocp.CheckpointManager, step: int, resumed_step: int, err
     logging.warning("checkpoint step %d in %s is damaged (%s: %s); moved it to %s and resumed from step %d",
                     step, manager.directory, type(error).__name__, error, target, resumed_step)
     if jax.process_index() == 0:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source.rename(target)
+        storage.move(source, target)
     _sync(f"set_aside_{step}")
     manager.reload()
 

@@ -4,6 +4,14 @@ Only process 0 writes. `metrics.jsonl` has one row per reported step: {"step": N
 metrics under their plain names (`rec_loss`, `lr`, ...) and evaluator values under theirs (`val/rec_loss`,
 `probe/demo/auc`). TensorBoard shows training metrics as `train/<name>`. tensorboardX writes the event files
 without TensorFlow (flax's and clu's writers need TensorFlow, which the default install does not carry).
+
+In a bucket (`--workdir gs://...`) nothing can be appended to: metrics.jsonl and the event file are uploaded
+whole at each flush, each upload replacing the previous object at once, so a reader never sees half a row.
+An event file that reaches `EVENT_PART_BYTES` is left as it is and the next events go to a new part
+(`<name>.part00001`, ...; TensorBoard reads a folder's event files in name order), so a long run with images does
+not upload its whole history again at every flush. Event files go through epath like every other path
+(tensorboardX's own gs:// writer uses another client, which does not retry the first upload of a file), so
+transient store errors are retried.
 """
 
 from __future__ import annotations
@@ -17,12 +25,54 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from marlin_jax.storage import is_remote
+
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
+EVENT_PART_BYTES = 256 * 2**10
 
 
-def is_remote(path) -> bool:
-    return "://" in str(path)
+class _WholeObjectEventFile:
+    """A TensorBoard event file in a bucket: buffered, and uploaded whole through epath at each flush, in parts of
+    about `EVENT_PART_BYTES`. tensorboardX flushes between whole records, so every part holds whole records."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._part = 0
+        self._buffer = io.BytesIO()
+        self._uploaded = 0  # bytes of the buffer already in the store
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+
+    def flush(self) -> None:
+        if self._buffer.tell() == self._uploaded:
+            return
+        name = self._path if self._part == 0 else f"{self._path}.part{self._part:05d}"
+        epath.Path(name).write_bytes(self._buffer.getvalue())
+        self._uploaded = self._buffer.tell()
+        if self._uploaded >= EVENT_PART_BYTES:
+            self._part, self._buffer, self._uploaded = self._part + 1, io.BytesIO(), 0
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathEventFiles:
+    """tensorboardX's writer-factory interface (`record_writer.register_writer_factory`)."""
+
+    def open(self, path: str) -> _WholeObjectEventFile:
+        return _WholeObjectEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        """Buckets have no folders to create."""
+
+
+def _summary_writer(logdir: epath.Path):
+    from tensorboardX import SummaryWriter, record_writer
+    if is_remote(logdir):
+        record_writer.register_writer_factory(str(logdir).partition("://")[0], _EpathEventFiles())
+    return SummaryWriter(str(logdir))
 
 
 class RunReporter:
@@ -31,8 +81,7 @@ class RunReporter:
         self.workdir = epath.Path(workdir)
         self._writer = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(str(self.workdir / TENSORBOARD_SUBDIR))
+            self._writer = _summary_writer(self.workdir / TENSORBOARD_SUBDIR)
             self._jsonl_path = self.workdir / JSONL_NAME
             # An object store cannot append: its metrics.jsonl is rewritten whole, in one upload, at each row.
             self._remote_rows = (self._jsonl_path.read_text() if is_remote(self.workdir) and self._jsonl_path.exists()
