@@ -9,6 +9,11 @@ adaptive row filters), once with today's. It then times, in the same run, the pr
 region map decoded, the previous occupancy computation) on the previous shards and today's on today's.
 Prints JSON: clips/s for each path and worker count, and for in-process runs (workers 0) clips per
 CPU-second, the per-core figure; and per-frame decode times of the JPEG decoders at hand (same pixels).
+
+Today's shards are also read from a bucket of a local Cloud Storage emulator (`gcp-storage-emulator`, started
+by tests/gcs_emulator.py) through gcsfs, in the same run: "store" says which. For those runs the emulator's
+own CPU time over the timed batches is given too (`server_cpu_seconds`): the emulator is a single-threaded
+Python server on the same cores, so clips per CPU-second counting it is the fair per-core figure.
 """
 
 import argparse
@@ -16,6 +21,7 @@ import dataclasses
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +31,7 @@ import cv2
 import grain
 import numpy as np
 import PIL.Image
+from etils import epath
 from skimage import data as skimage_data
 
 from data_prep.atomic import write_json
@@ -39,6 +46,11 @@ from marlin_jax.data.schema import ClipRecord, serialize_clip
 from marlin_jax.data.shards import MANIFEST_NAME, shard_file_name
 from marlin_jax.data.tfrecord import RecordWriter
 from marlin_jax.faces import FaceCropper
+
+import mfu  # noqa: E402  (benchmarks/ is not a package)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from gcs_emulator import running_emulator  # noqa: E402 - the local Cloud Storage the tests use
 
 RECORD_FRAMES = 180
 SHARDS, RECORDS_PER_SHARD = 4, 8
@@ -111,11 +123,18 @@ def jpeg_decoders(frames_jpeg: list[bytes]) -> dict:
     return timings
 
 
-def time_loader(data_dir: Path, workers: int, batch_size: int, batches: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_loader(data_dir, workers: int, batch_size: int, batches: int, server_pid: int | None = None) -> dict:
     iterator = make_pretrain_loader(data_dir, "train", batch_size, seed=0, process_index=0, process_count=1,
                                     worker_count=workers, shuffle_window=64)
     for _ in range(3):  # warm up: worker start-up, first windows
         next(iterator)
+    server_cpu = cpu_seconds(server_pid) if server_pid else 0.0
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         batch = next(iterator)
@@ -126,7 +145,23 @@ def time_loader(data_dir: Path, workers: int, batch_size: int, batches: int) -> 
               "clips": clips, "clips_per_second": round(clips / wall, 1)}
     if workers == 0:
         result["clips_per_cpu_second"] = round(clips / cpu, 1)
+    if server_pid:
+        server_cpu = cpu_seconds(server_pid) - server_cpu
+        result["server_cpu_seconds"] = round(server_cpu, 2)
+        if workers == 0:
+            result["clips_per_cpu_second_with_server"] = round(clips / (cpu + server_cpu), 1)
     return result
+
+
+def time_bucket_loaders(shard_dir: Path, workers: list[int], batch_size: int, batches: int) -> list[dict]:
+    """The shards of `shard_dir`, copied into a bucket of a local Cloud Storage emulator, read through gcsfs."""
+    with running_emulator() as emulator:
+        bucket = epath.Path(emulator.create_bucket("pipeline-benchmark")) / "shards"
+        for path in sorted(shard_dir.iterdir()):
+            (bucket / path.name).write_bytes(path.read_bytes())
+        return [{"path": "today", "store": "emulator", **time_loader(str(bucket), count, batch_size, batches,
+                                                                     server_pid=emulator.process.pid)}
+                for count in workers]
 
 
 def main() -> None:
@@ -149,12 +184,14 @@ def main() -> None:
         runs = []
         for workers in args.workers:
             with mock.patch.object(pipeline, "DecodeClip", PreviousDecodeClip):
-                runs.append({"path": "previous", **time_loader(previous_dir, workers, args.batch_size,
-                                                               args.batches)})
-            runs.append({"path": "today", **time_loader(today_dir, workers, args.batch_size, args.batches)})
-    print(json.dumps({"data_dir": "synthetic 180-frame face records", "cpu_count": os.cpu_count(),
-                      "load_average": round(os.getloadavg()[0], 2), "jpeg_decode_ms": jpeg_decoders(frames_jpeg),
-                      "runs": runs}, indent=1))
+                runs.append({"path": "previous", "store": "local", **time_loader(previous_dir, workers,
+                                                                                 args.batch_size, args.batches)})
+            runs.append({"path": "today", "store": "local", **time_loader(today_dir, workers, args.batch_size,
+                                                                          args.batches)})
+        runs += time_bucket_loaders(today_dir, args.workers, args.batch_size, args.batches)
+    print(json.dumps({"data_dir": "synthetic 180-frame face records", "machine": mfu.machine(),
+                      "jax_matmul_gflops": round(mfu.jax_matmul_gflops(), 1),
+                      "jpeg_decode_ms": jpeg_decoders(frames_jpeg), "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":
