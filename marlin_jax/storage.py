@@ -21,6 +21,7 @@ store) retries its own. A bucket that does not exist (404) or refuses access (40
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 from collections.abc import Iterator, Mapping
@@ -71,7 +72,9 @@ def check_bucket(path, what: str) -> None:
     try:
         # One object of the path's prefix: needs only the object-listing permission that reading or writing
         # implies (bucket metadata needs more), and answers 404 for a missing bucket.
-        filesystem.call("GET", "b/{}/o", bucket, prefix=key, maxResults=1, json_out=True, timeout=CHECK_TIMEOUT_S)
+        with _quiet("gcsfs"):  # it logs a refused request with a traceback; the error below says it in a line
+            filesystem.call("GET", "b/{}/o", bucket, prefix=key, maxResults=1, json_out=True,
+                            timeout=CHECK_TIMEOUT_S)
     except FileNotFoundError:
         raise StorageError(f"{what} {path}: the bucket gs://{bucket} does not exist (create it with `gcloud "
                            f"storage buckets create gs://{bucket}`, or correct the path)") from None
@@ -99,6 +102,17 @@ def check_paths(*, inputs: Mapping[str, Any] | None = None, buckets: Mapping[str
             check_exists(path, what)
     for what, path in (buckets or {}).items():
         check_bucket(path, what)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _filesystem(path):

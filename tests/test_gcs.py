@@ -351,20 +351,22 @@ class _RefusingStore(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_missing_credentials_are_named_at_startup(gcs_emulator, monkeypatch):
+def test_missing_credentials_are_named_at_startup(setup):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingStore)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_address[1]}")
         start = time.monotonic()
-        with pytest.raises(storage.StorageError) as caught:
-            storage.check_paths(buckets={"--workdir": "gs://private/run"})
+        done = run_module("marlin_jax.export", "--workdir=gs://private/run", f"--output={setup.local}/unused",
+                          env={**setup.env, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{server.server_address[1]}"})
+        elapsed = time.monotonic() - start
     finally:
         server.shutdown()
         server.server_close()
-    message = str(caught.value)
-    assert message.startswith("--workdir gs://private/run: cannot list gs://private") and "Anonymous" in message
-    assert "no Google credentials were found" in message and time.monotonic() - start < 10  # not retried
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("error: --workdir gs://private/run: cannot list gs://private") and "Anonymous" in message
+    assert "no Google credentials were found" in message and len(message.splitlines()) == 1, message
+    assert elapsed < 30, elapsed  # not a minute of retries (the process's imports take a few seconds)
 
 
 # --- streaming, write-once, listing ------------------------------------------------------------------------
