@@ -1,13 +1,12 @@
-"""Pretraining end to end on the embedded demo data: outputs, exact resume after SIGKILL, SIGTERM, sharding
-on 8 fake devices, two processes, and the errors a user meets first."""
+"""Pretraining end to end on the embedded demo data: outputs, exact resume after SIGKILL, SIGTERM,
+the demo learning, and the errors a user meets first. Sharded runs against one device:
+test_elastic_resume.py; two processes: test_multihost.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -152,44 +151,6 @@ def test_sigterm_saves_and_stops(demo_shards, tmp_path):
     saved_step = checkpoints.restore_params(tmp_path).step
     assert 1 <= saved_step < 1000
     assert saved_step == max(read_metrics(tmp_path))
-
-
-def _losses(workdir) -> np.ndarray:
-    records = read_metrics(workdir)
-    return np.array([[records[s][k] for k in LOSSES] for s in sorted(records)])
-
-
-def test_data_parallel_and_fsdp_on_8_devices_match_one_device(demo_shards, tmp_path):
-    common = ("--config.total_steps=2", "--config.log_every=1", "--config.checkpoint_every=2",
-              "--config.batch_size=8")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    run_train(tmp_path / "one", demo_shards, *common)
-    run_train(tmp_path / "data", demo_shards, *common, "--config.mesh.shape=(8,1,1)", env=env)
-    run_train(tmp_path / "fsdp", demo_shards, *common, "--config.mesh.shape=(2,2,2)", env=env)
-    one = _losses(tmp_path / "one")
-    np.testing.assert_allclose(_losses(tmp_path / "data"), one, rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(_losses(tmp_path / "fsdp"), one, rtol=2e-5, atol=1e-6)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_processes_train_and_checkpoint(demo_shards, tmp_path):
-    port = _free_port()
-    env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_CPU_DEVICES="2")
-    processes = [subprocess.Popen(
-        train_command(tmp_path, demo_shards, "--config.total_steps=2", "--config.log_every=1",
-                      "--config.checkpoint_every=2",
-                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    errors = [p.communicate(timeout=600)[1] for p in processes]
-    for process, stderr in zip(processes, errors):
-        assert process.returncode == 0, stderr[-3000:]
-    assert checkpoints.restore_params(tmp_path).step == 2
-    assert sorted(read_metrics(tmp_path)) == [1, 2]
 
 
 def test_init_from_official_weights(demo_shards, torch, tmp_path):
