@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from etils import epath
 from gcs_emulator import FaultyProxy, gcs_emulator  # noqa: F401 - the fixture
-from tiny_pretraining import IMAGE_SIZE, LOSSES, REPO_ROOT, run_env
+from tiny_pretraining import IMAGE_SIZE, LOSSES, REPO_ROOT, read_metrics, run_env
 
 from data_prep.builder import BuildConfig, build_dataset, default_cropper_factory
 from data_prep.demo import synthesize_videos
@@ -186,13 +186,6 @@ def test_interrupted_build_in_a_bucket_shows_only_whole_files_and_resumes(setup)
 def train_args(setup: Setup, workdir: str, data_path: str) -> list[str]:
     return [f"--config={setup.config}", f"--workdir={workdir}", f"--config.data.path={data_path}",
             *(f"--config.{key}={value}" for key, value in TRAIN_OVERRIDES.items())]
-
-
-def read_metrics(workdir) -> dict[int, dict]:
-    """step -> the last row logged for it (a resumed run logs the steps after its checkpoint again)."""
-    path = epath.Path(workdir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return {row["step"]: row for row in rows}
 
 
 @pytest.fixture(scope="module")

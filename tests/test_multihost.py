@@ -27,6 +27,8 @@ from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.config_files import load_config
 from marlin_jax.training import checkpoints
 
+from tiny_pretraining import read_metrics
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO_ROOT / "configs/pretrain/marlin_vit_small.py") + ":tiny"
 LOSSES = ("rec_loss", "adv_loss", "d_loss", "val/rec_loss", "val/loss", "probe/demo/auc")
@@ -59,15 +61,6 @@ def finish(processes: list[subprocess.Popen], timeout: float = 900) -> list[str]
     for index, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{stderr[-4000:]}"
     return [stdout for stdout, _ in outputs]
-
-
-def read_metrics(workdir: pathlib.Path) -> dict[int, dict]:
-    """step -> the LAST record logged for it (a resumed run logs some steps again)."""
-    records = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records[record["step"]] = record
-    return records
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from marlin_jax.config_files import load_config
 from marlin_jax.pretraining.trainer import build_trainer, train_and_evaluate
 from marlin_jax.training.run_control import NonFiniteLossError
 
+from tiny_pretraining import read_metrics
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO_ROOT / "configs/pretrain/marlin_vit_small.py") + ":tiny"
 LOSSES = ("rec_loss", "adv_loss", "d_loss")
@@ -42,15 +44,6 @@ def tiny_config(data_path, **overrides):
             target = target[parent]
         target[leaf] = value
     return config
-
-
-def read_metrics(workdir: pathlib.Path) -> dict[int, dict]:
-    """step -> the LAST record logged for it (a resumed run logs some steps again)."""
-    records = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records[record["step"]] = record
-    return records
 
 
 def train_command(workdir, data_path, *overrides: str) -> list[str]:

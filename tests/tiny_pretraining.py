@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 
+from etils import epath
+
 from data_prep.builder import BuildConfig, build_dataset
 from data_prep.demo import synthesize_videos
 
@@ -55,13 +57,11 @@ def run_train(workdir, shards, *overrides: str, env: dict[str, str], expect_rc: 
     return result
 
 
-def read_metrics(workdir: pathlib.Path) -> dict[int, dict]:
-    """step -> the LAST row logged for it (a resumed run logs the steps after its checkpoint again)."""
-    records = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records[record["step"]] = record
-    return records
+def read_metrics(workdir) -> dict[int, dict]:
+    """step -> the LAST row logged for it (a resumed run logs the steps after its checkpoint again); the workdir
+    may be local or in a bucket."""
+    rows = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows}
 
 
 def without_timing(row: dict) -> dict:
