@@ -79,6 +79,13 @@ def _wait_until_serving(process: subprocess.Popen, url: str, log) -> None:
     raise RuntimeError(f"gcp-storage-emulator did not answer at {url} within {_READY_TIMEOUT_S} s")
 
 
+def _forget_gcsfs_instances() -> None:
+    """fsspec caches a GCSFileSystem per set of arguments, with the endpoint it found when created: drop them, so the
+    next gs:// access in this process goes to the emulator running now, not to an earlier module's."""
+    if "gcsfs" in sys.modules:
+        sys.modules["gcsfs"].GCSFileSystem.clear_instance_cache()
+
+
 @contextlib.contextmanager
 def running_emulator() -> Iterator[Emulator]:
     """An in-memory emulator on a free port, with this process's environment pointed at it."""
@@ -86,7 +93,10 @@ def running_emulator() -> Iterator[Emulator]:
         raise RuntimeError("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set: its bucket-type "
                            "probe would wait 60 s per bucket against the emulator")
     url = f"http://127.0.0.1:{free_port()}"
-    saved = {name: os.environ.get(name) for name in storage_environment(url)}
+    # The probe switch stays set afterwards: gcsfs read it when imported, and a later emulator in this process
+    # (another test module's) needs it still set.
+    saved = {name: os.environ.get(name) for name in storage_environment(url)
+             if name != "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"}
     # Its log (a line per request) goes to a file: a pipe nobody reads would fill up and stop the server.
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen([sys.executable, __file__, url.rsplit(":", 1)[1]], stdout=log,
@@ -94,10 +104,12 @@ def running_emulator() -> Iterator[Emulator]:
         try:
             _wait_until_serving(process, url, log)
             os.environ.update(storage_environment(url))
+            _forget_gcsfs_instances()
             yield Emulator(url, process)
         finally:
             process.kill()
             process.wait()
+            _forget_gcsfs_instances()
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
