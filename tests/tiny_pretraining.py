@@ -33,8 +33,8 @@ def make_small_demo(output: pathlib.Path) -> pathlib.Path:
 
 
 def run_env(compile_cache: pathlib.Path | None = None, devices: int | None = None) -> dict[str, str]:
-    """The environment of a test's runs: CPU, and a JAX compilation cache (the session's, which conftest.py sets,
-    unless `compile_cache` names another)."""
+    """The environment of a test's runs: CPU, and a JAX compilation cache: the session's, which conftest.py sets,
+    else `compile_cache`."""
     env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
     if compile_cache is not None and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         env["JAX_COMPILATION_CACHE_DIR"] = str(compile_cache)
