@@ -75,7 +75,9 @@ def read_split_csvs(csv_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def sorted_group_split(source_ids: list[str], layout: str, val_fraction: float) -> dict[str, str]:
-    """Source id -> split: sorted groups, `val_fraction` of them evenly spaced to `val`."""
+    """Source id -> split: sorted groups, `val_fraction` of them evenly spaced to `val`. A corpus too small for
+    that share to make up a whole group still gets one val group (the last) when it has two or more, so that
+    validation has something to read."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     group_of = {sid: sid.split("/")[0] if layout == "ytf" else sid for sid in source_ids}
@@ -83,6 +85,8 @@ def sorted_group_split(source_ids: list[str], layout: str, val_fraction: float) 
     # Group i is val when the running count floor((i + 1) * f) steps up: exact total, spread evenly.
     val_groups = {group for i, group in enumerate(groups)
                   if int((i + 1) * val_fraction) > int(i * val_fraction)}
+    if val_fraction > 0 and not val_groups and len(groups) >= 2:
+        val_groups = {groups[-1]}
     return {sid: "val" if group_of[sid] in val_groups else "train" for sid in source_ids}
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from data_prep import frames as frame_io
 from data_prep.builder import BuildConfig, build_dataset
-from data_prep.demo import make_demo_dataset, write_mp4
+from data_prep.demo_videos import make_demo_dataset, write_mp4
 from data_prep.sources import plan_sources, sorted_group_split
 from marlin_jax import masking
 from marlin_jax.data import codecs
@@ -110,6 +110,16 @@ def test_sorted_split_keeps_people_together_and_is_exact():
     assert sorted_group_split(ids, "videos", 0.0) == {sid: "train" for sid in ids}
     with pytest.raises(ValueError, match="val_fraction"):
         sorted_group_split(ids, "ytf", 1.0)
+
+
+def test_a_small_corpus_still_gets_a_val_group():
+    ten = [f"video_{n}.mp4" for n in range(10)]  # the default 5% of 10 files is less than one file
+    splits = sorted_group_split(ten, "videos", 0.05)
+    assert [sid for sid, split in splits.items() if split == "val"] == ["video_9.mp4"]
+    assert sorted_group_split(ten[:1], "videos", 0.05) == {"video_0.mp4": "train"}  # one group stays in train
+    assert "val" not in sorted_group_split(ten, "videos", 0.0).values()
+    many = [f"video_{n:03d}.mp4" for n in range(100)]  # enough files: the exact evenly spaced share, as before
+    assert sum(split == "val" for split in sorted_group_split(many, "videos", 0.05).values()) == 5
 
 
 def test_plan_sources_rejects_bad_inputs(tmp_path):
