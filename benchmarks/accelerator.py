@@ -296,7 +296,7 @@ def demo_shards(data: str | None, budget: Budget) -> Path:
     output = Path(tempfile.mkdtemp(prefix="marlin_demo_"))
     log(f"input pipeline: building demo shards in {output}")
     # 224 px crops: the real pretraining geometry (the demo's default is 112).
-    subprocess.run([sys.executable, "-m", "data_prep.demo", "--output", str(output), "--image-size", "224"],
+    subprocess.run([sys.executable, "-m", "data_prep.demo", "--output", str(output), "--image_size", "224"],
                    check=True, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
                    timeout=max(budget.left() - 20, 10))
     return output / "shards"

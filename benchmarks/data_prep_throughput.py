@@ -36,7 +36,7 @@ import cv2
 
 from data_prep import frames as frame_io
 from data_prep.builder import BuildConfig, build_dataset
-from data_prep.demo import synthesize_videos
+from data_prep.demo_videos import synthesize_videos
 from marlin_jax.data import codecs
 from marlin_jax.faces import FaceCropper
 

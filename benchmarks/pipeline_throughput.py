@@ -35,7 +35,7 @@ from etils import epath
 from skimage import data as skimage_data
 
 from data_prep.atomic import write_json
-from data_prep.demo import render_video
+from data_prep.demo_videos import render_video
 from data_prep.manifest import make_manifest
 from data_prep.plan import ShardPlan
 from data_prep.sources import Source

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from data_prep.builder import BuildConfig, build_dataset
-from data_prep.demo import synthesize_videos
+from data_prep.demo_videos import synthesize_videos
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import mfu  # noqa: E402  (benchmarks/ is not a package)

@@ -2,7 +2,7 @@
 
     python -m data_prep.build --input /data/videos --output /data/shards --workers 8
     python -m data_prep.build --input /data/YouTubeFaces --layout ytf \
-        --split-csv-dir MARLIN/dataset/misc/youtube_face --output /data/ytf_shards
+        --split_csv_dir MARLIN/dataset/misc/youtube_face --output /data/ytf_shards
 
     # As an Apache Beam pipeline (the [beam] extra), here with DirectRunner's worker processes or on Dataflow:
     python -m data_prep.build --runner=DirectRunner --input /data/videos --output /data/shards --workers 8
@@ -13,94 +13,82 @@ Rerunning the same command resumes an interrupted build. See `data_prep.builder`
 `data_prep.beam_pipeline` for the pipeline.
 """
 
-import argparse
-import json
-import sys
+import functools
 
-from absl import logging
+from absl import flags, logging
 
 from data_prep.atomic import DiskFullError
 from data_prep.builder import BuildConfig, build_dataset
+from data_prep.manifest import manifest_summary
 from data_prep.sources import LAYOUTS
-from marlin_jax import storage
+from marlin_jax import launch, storage
 
 _DEFAULTS = BuildConfig(input_dir="", output_dir="")
 BEAM_RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
 
+_INPUT = flags.DEFINE_string("input", None, "Folder holding the sources (local or gs://).")
+_OUTPUT = flags.DEFINE_string("output", None, "Shard folder to create or resume (local or gs://).")
+_LAYOUT = flags.DEFINE_enum("layout", _DEFAULTS.layout, LAYOUTS,
+                            "videos: every video file below --input; ytf: frame_images_DB/<person>/<n>/*.jpg.")
+_WORKERS = flags.DEFINE_integer("workers", _DEFAULTS.workers, "Worker processes (locally, and DirectRunner's).")
+_SPLIT_CSV_DIR = flags.DEFINE_string("split_csv_dir", None,
+                                     "Folder with train_set.csv and val_set.csv (column 'path' = source id).")
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", _DEFAULTS.val_fraction,
+                                   "Share of groups put in val when no split CSVs are given.")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", _DEFAULTS.shard_size, "Sources per shard.")
+_SEGMENT_FRAMES = flags.DEFINE_integer("segment_frames", _DEFAULTS.segment_frames,
+                                       "Longer sources are stored as several records of about this many frames.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Face crop side in px.")
+_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", _DEFAULTS.jpeg_quality, "JPEG quality of the face crops.")
+_TRACKING = flags.DEFINE_bool("tracking", True, "Track the face with the landmark model between detections; "
+                              "--notracking runs the face detector on every frame (slower; see "
+                              "marlin_jax.faces.tracking).")
+_RUNNER = flags.DEFINE_enum("runner", None, BEAM_RUNNERS,
+                            "Run the build as an Apache Beam pipeline on this runner; the flags this command does not "
+                            "know are Beam pipeline options (--project, --region, --temp_location, ...). Without it: "
+                            "local worker processes.")
+flags.mark_flags_as_required(["input", "output"])
 
-def parse_args(argv: list[str]) -> tuple[BuildConfig, str | None, list[str]]:
-    """The build's config, the Beam runner (None: local worker processes) and the Beam pipeline options."""
-    # No abbreviations: an option this command does not know exactly is a Beam pipeline option.
-    parser = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
-    parser.add_argument("--input", required=True, help="folder holding the sources")
-    parser.add_argument("--output", required=True, help="shard folder to create or resume")
-    parser.add_argument("--layout", choices=LAYOUTS, default=_DEFAULTS.layout,
-                        help="videos: every video file below --input; ytf: frame_images_DB/<person>/<n>/*.jpg")
-    parser.add_argument("--workers", type=int, default=_DEFAULTS.workers,
-                        help="worker processes (locally, and DirectRunner's)")
-    parser.add_argument("--split-csv-dir", default=None,
-                        help="folder with train_set.csv and val_set.csv (column 'path' = source id)")
-    parser.add_argument("--val-fraction", type=float, default=_DEFAULTS.val_fraction,
-                        help="share of groups put in val when no split CSVs are given")
-    parser.add_argument("--shard-size", type=int, default=_DEFAULTS.shard_size, help="sources per shard")
-    parser.add_argument("--segment-frames", type=int, default=_DEFAULTS.segment_frames,
-                        help="longer sources are stored as several records of about this many frames")
-    parser.add_argument("--image-size", type=int, default=_DEFAULTS.image_size, help="face crop side in px")
-    parser.add_argument("--jpeg-quality", type=int, default=_DEFAULTS.jpeg_quality)
-    parser.add_argument("--no-tracking", dest="tracking", action="store_false",
-                        help="run the face detector on every frame instead of tracking the face with the landmark "
-                             "model between detections (slower; see marlin_jax.faces.tracking)")
-    parser.add_argument("--runner", choices=BEAM_RUNNERS, default=None,
-                        help="run the build as an Apache Beam pipeline on this runner; the arguments this command "
-                             "does not know are Beam pipeline options (--project, --region, --temp_location, ...). "
-                             "Without it: local worker processes")
-    args, pipeline_args = parser.parse_known_args(argv)
-    if pipeline_args and args.runner is None:
-        parser.error(f"unrecognized arguments: {' '.join(pipeline_args)} (Beam pipeline options need --runner)")
-    if args.runner == "DataflowRunner" and not (storage.is_remote(args.input) and storage.is_remote(args.output)):
-        parser.error("--runner=DataflowRunner runs on other machines, which cannot read this one's disk: give "
-                     "--input and --output as bucket paths (gs://...)")
-    config = BuildConfig(input_dir=args.input, output_dir=args.output, layout=args.layout, workers=args.workers,
-                         split_csv_dir=args.split_csv_dir, val_fraction=args.val_fraction,
-                         shard_size=args.shard_size, segment_frames=args.segment_frames,
-                         image_size=args.image_size, jpeg_quality=args.jpeg_quality, tracking=args.tracking)
-    return config, args.runner, pipeline_args
+
+def build_config(pipeline_args: list[str]) -> BuildConfig:
+    """The build's config from the parsed flags; checks what the flags cannot check alone."""
+    if pipeline_args and _RUNNER.value is None:
+        raise ValueError(f"unknown flags: {' '.join(pipeline_args)} (Beam pipeline options need --runner)")
+    if _RUNNER.value == "DataflowRunner" and not (storage.is_remote(_INPUT.value) and storage.is_remote(_OUTPUT.value)):
+        raise ValueError("--runner=DataflowRunner runs on other machines, which cannot read this one's disk: give "
+                         "--input and --output as bucket paths (gs://...)")
+    return BuildConfig(input_dir=_INPUT.value, output_dir=_OUTPUT.value, layout=_LAYOUT.value, workers=_WORKERS.value,
+                       split_csv_dir=_SPLIT_CSV_DIR.value, val_fraction=_VAL_FRACTION.value,
+                       shard_size=_SHARD_SIZE.value, segment_frames=_SEGMENT_FRAMES.value,
+                       image_size=_IMAGE_SIZE.value, jpeg_quality=_JPEG_QUALITY.value, tracking=_TRACKING.value)
 
 
 def _build_with_beam(config: BuildConfig, runner: str, pipeline_args: list[str]) -> dict:
     try:
-        from data_prep.beam_pipeline import PipelineOptionsError, build_with_beam  # the optional [beam] extra
+        from data_prep.beam_pipeline import build_with_beam  # the optional [beam] extra
     except ModuleNotFoundError as error:
         if error.name != "apache_beam":
             raise
-        print("error: --runner needs Apache Beam: pip install 'marlin_jax[beam]'", file=sys.stderr)
-        sys.exit(2)
-    try:
-        manifest, _ = build_with_beam(config, runner, pipeline_args)  # the counters are logged
-    except PipelineOptionsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        raise ImportError("--runner needs Apache Beam: pip install 'marlin_jax[beam]'") from error
+    manifest, _ = build_with_beam(config, runner, pipeline_args)  # the counters are logged
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
+    pipeline_args = list(argv[1:])
+    config = build_config(pipeline_args)
+    # A wrong path is named within a second, before any work.
+    storage.check_paths(inputs={"--input": config.input_dir, "--split_csv_dir": config.split_csv_dir},
+                        buckets={"--output": config.output_dir})
     logging.set_verbosity(logging.INFO)
-    config, runner, pipeline_args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        storage.check_paths(inputs={"--input": config.input_dir, "--split-csv-dir": config.split_csv_dir},
-                            buckets={"--output": config.output_dir})
-    except storage.StorageError as error:  # a wrong path, said in one line as the other entry points do
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        manifest = build_dataset(config) if runner is None else _build_with_beam(config, runner, pipeline_args)
+        manifest = build_dataset(config) if _RUNNER.value is None else _build_with_beam(config, _RUNNER.value,
+                                                                                         pipeline_args)
     except DiskFullError as error:  # its message names the file, the space needed and what to do
-        print(f"error: {error.strerror}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps({"complete": manifest["complete"], "splits": manifest["splits"],
-                      "failures": len(manifest["failures"]), "skipped": len(manifest["skipped"])}, indent=1))
+        raise ValueError(error.strerror) from error
+    print(manifest_summary(manifest, config.output_dir))
 
 
 if __name__ == "__main__":
-    main()
+    # Flags this command does not know go to Beam (main's argv), which names any it does not know either.
+    launch.run(main, flags_parser=functools.partial(launch.parse_flags, known_only=True))

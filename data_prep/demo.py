@@ -1,107 +1,34 @@
-"""A small face-video dataset made on the spot, with no download: try the whole pipeline in a minute.
+"""Make the demo dataset: face videos synthesised on the spot (no download), built into shards like real data.
 
-    python -m data_prep.demo --output /tmp/marlin_demo
-    # -> /tmp/marlin_demo/videos/*.mp4 (synthesised) and /tmp/marlin_demo/shards (manifest + shards)
+    python -m data_prep.demo --output runs/demo
+    # -> runs/demo/videos/*.mp4 and runs/demo/shards (manifest + shards)
 
-The videos are camera moves over the public-domain portrait `skimage.data.astronaut()`: each pans, zooms and
-rolls a little while the lighting drifts, from its own seed. They are written as H.264 mp4 files with PyAV
-and then built by the same `data_prep.builder.build_dataset` as real data.
+See data_prep.demo_videos for how the videos are made.
 """
 
-import argparse
-import json
 from pathlib import Path
 
-import av
-import cv2
-import numpy as np
-from skimage import data as skimage_data
+from absl import flags
 
-from data_prep.builder import BuildConfig, build_dataset
-from marlin_jax.configs import DEMO_IMAGE_SIZE
+from data_prep.demo_videos import make_demo_dataset
+from data_prep.manifest import manifest_summary
+from marlin_jax import launch
+from marlin_jax.config_builders import DEMO_IMAGE_SIZE
 
-# Centre of the astronaut's face in the 512 px portrait, and a view side that frames it loosely.
-_FACE_CENTRE = np.array([224.0, 121.0])
-_VIEW_SIDE = 240.0
-# The face crop undoes pan and zoom but not roll, so roll is what varies the face's layout between clips. At
-# +-10 degrees the tiny demo model averaged it into blurred eyes and mouth within its CPU budget; +-4 keeps them.
-_MAX_ROLL_DEGREES = 4.0
-DEMO_FPS = 25
+_OUTPUT = flags.DEFINE_string("output", None, "Folder for videos/ and shards/.")
+_NUM_VIDEOS = flags.DEFINE_integer("num_videos", 10, "How many videos to synthesise.")
+_WORKERS = flags.DEFINE_integer("workers", 2, "Worker processes for the build.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", DEMO_IMAGE_SIZE, "Face crop side in px.")
+flags.mark_flags_as_required(["output"])
 
 
-def camera_path(num_frames: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per-frame view centre (x, y) in portrait pixels, zoom, roll in degrees and light gain."""
-    def ramp(low: float, high: float, size: int = 1) -> np.ndarray:
-        start, end = rng.uniform(low, high, size), rng.uniform(low, high, size)
-        return np.linspace(start, end, num_frames)
-
-    wobble = np.sin(np.linspace(0, rng.uniform(1, 3) * np.pi, num_frames))
-    return {"centre": _FACE_CENTRE + ramp(-30, 30, 2), "zoom": ramp(0.85, 1.4)[:, 0],
-            "roll": rng.uniform(-_MAX_ROLL_DEGREES, _MAX_ROLL_DEGREES) * wobble,
-            "gain": ramp(0.7, 1.25)[:, 0]}
-
-
-def render_video(portrait: np.ndarray, num_frames: int, side: int, rng: np.random.Generator) -> np.ndarray:
-    """(num_frames, side, side, 3) uint8 RGB frames of a camera moving over `portrait`."""
-    path = camera_path(num_frames, rng)
-    frames = []
-    for t in range(num_frames):
-        scale = path["zoom"][t] * side / _VIEW_SIDE
-        centre = path["centre"][t]
-        matrix = cv2.getRotationMatrix2D(tuple(centre), float(path["roll"][t]), float(scale))
-        matrix[:, 2] += side / 2 - centre  # put the view centre in the middle of the frame
-        frame = cv2.warpAffine(portrait, matrix, (side, side), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REFLECT)
-        frames.append(np.clip(frame * path["gain"][t], 0, 255).astype(np.uint8))
-    return np.stack(frames)
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: int = DEMO_FPS) -> None:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
-def synthesize_videos(folder: Path, num_videos: int = 10, side: int = 320, seed: int = 0) -> list[Path]:
-    """Writes `num_videos` mp4 files of 40 to 64 frames into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    portrait = skimage_data.astronaut()
-    paths = []
-    for index in range(num_videos):
-        rng = np.random.default_rng([seed, index])
-        path = folder / f"astronaut_{index:02d}.mp4"
-        write_mp4(path, render_video(portrait, int(rng.integers(40, 65)), side, rng))
-        paths.append(path)
-    return paths
-
-
-def make_demo_dataset(output: str | Path, *, num_videos: int = 10, workers: int = 2,
-                      image_size: int = DEMO_IMAGE_SIZE) -> dict:
-    """Synthesises the videos under `<output>/videos` and builds `<output>/shards` of `image_size` px face
-    crops; returns the manifest."""
-    output = Path(output)
-    synthesize_videos(output / "videos", num_videos)
-    config = BuildConfig(input_dir=str(output / "videos"), output_dir=str(output / "shards"), workers=workers,
-                         val_fraction=0.2, shard_size=2, image_size=image_size)
-    return build_dataset(config)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--output", required=True, help="folder for videos/ and shards/")
-    parser.add_argument("--num-videos", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE, help="face crop side in px")
-    args = parser.parse_args()
-    manifest = make_demo_dataset(args.output, num_videos=args.num_videos, workers=args.workers,
-                                 image_size=args.image_size)
-    print(json.dumps({"shards": str(Path(args.output) / "shards"), "splits": manifest["splits"]}, indent=1))
+def main(argv: list[str]) -> None:
+    launch.start(argv)
+    output = Path(_OUTPUT.value)
+    manifest = make_demo_dataset(output, num_videos=_NUM_VIDEOS.value, workers=_WORKERS.value,
+                                 image_size=_IMAGE_SIZE.value)
+    print(f"wrote {_NUM_VIDEOS.value} videos to {output / 'videos'}; {manifest_summary(manifest, output / 'shards')}")
 
 
 if __name__ == "__main__":
-    main()
+    launch.run(main)

@@ -23,6 +23,7 @@ import platform
 from importlib import metadata, resources
 
 import av
+from etils import epath
 
 from data_prep.plan import ShardPlan
 from data_prep.sources import SPLITS
@@ -100,3 +101,12 @@ def _split_counts(sources: list[dict], shard_entries: list[dict]) -> dict:
             "shards": sum(shard["split"] == split for shard in shard_entries),
         }
     return counts
+
+
+def manifest_summary(manifest: dict, output) -> str:
+    """One line: what the build holds and where its manifest is."""
+    splits = ", ".join(f"{split} {counts['ok']} sources, {counts['records']} records, {counts['shards']} shards"
+                       for split, counts in manifest["splits"].items() if counts["sources"])
+    state = "complete" if manifest["complete"] else "incomplete (rerun the same command to finish it)"
+    return (f"build {state}: {splits or 'no sources'}; {len(manifest['failures'])} source(s) failed, "
+            f"{len(manifest['skipped'])} skipped; details in {epath.Path(output) / 'manifest.json'}")

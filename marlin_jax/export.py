@@ -22,6 +22,9 @@ _NAME = flags.DEFINE_string("name", None, "File stem; defaults to <model_name>_s
 _ENCODER_ONLY = flags.DEFINE_bool("encoder_only", False, "Export only the encoder (like *.encoder.pt).")
 flags.mark_flags_as_required(["workdir", "output"])
 
+# --help lists the flags launch defines (--config, --workdir, the multi-host ones) beside this module's own.
+flags.adopt_module_key_flags(launch)
+
 
 def main(argv):
     # Before launch.start: a wrong path is named within a second, before JAX loads or the hosts join.
@@ -39,8 +42,8 @@ def main(argv):
         model = Marlin(model.architecture, {"encoder": model.params["encoder"]}, None, model.name)
     name = _NAME.value or (f"{model.name}_step{model.step}{'_best' if _BEST.value else ''}"
                            f"{'_encoder' if _ENCODER_ONLY.value else ''}")
-    for path in model.to_pytorch(epath.Path(_OUTPUT.value) / name).values():
-        print(path)
+    written = model.to_pytorch(epath.Path(_OUTPUT.value) / name).values()
+    print(f"exported {model.name} step {model.step}{' (best)' if _BEST.value else ''}: {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ _TRUST = flags.DEFINE_bool("trust_pickled_checkpoint", False, "Unpickle a .ckpt 
                                                               "objects; this runs code from the file.")
 flags.mark_flags_as_required(["model", "weights", "output_dir"])
 
+# --help lists the flags launch defines (--config, --workdir, the multi-host ones) beside this module's own.
+flags.adopt_module_key_flags(launch)
+
 
 def main(argv) -> None:
     inputs = list(argv[1:])

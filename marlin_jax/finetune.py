@@ -10,11 +10,16 @@ see `marlin_jax.downstream.finetune.finetune_and_evaluate`. Multi-host flags as 
 
 from absl import logging
 
+from absl import flags
+
 from marlin_jax import launch, storage
 
 _CONFIG, _WORKDIR = launch.define_config_and_workdir(
-    "Fine-tuning config file (configs/finetune/*.py[:arg]).",
+    "finetune", "Fine-tuning config: a file (configs/finetune/*.py[:arg]) or a name (celebvhq_appearance[:arg]).",
     "Checkpoints, logs and results.json; resumed when it has some.")
+
+# --help lists the flags launch defines (--config, --workdir, the multi-host ones) beside this module's own.
+flags.adopt_module_key_flags(launch)
 
 
 def main(argv):
@@ -23,9 +28,17 @@ def main(argv):
     storage.check_paths(inputs={"--config.data.csv": config.data.csv, "--config.data.root": config.data.root,
                                 "--config.init_from": config.init_from}, buckets={"--workdir": _WORKDIR.value})
     launch.start(argv)
+    import jax
+    from etils import epath
+
     from marlin_jax.downstream.finetune import finetune_and_evaluate
-    if finetune_and_evaluate(config, _WORKDIR.value) is None:
+    from marlin_jax.downstream.metrics import summary_metrics
+    results = finetune_and_evaluate(config, _WORKDIR.value)
+    if results is None:
         logging.warning("stopped by SIGTERM after saving a checkpoint; rerun the same command to continue")
+    elif jax.process_index() == 0:
+        print(f"done: test {launch.metrics_text(summary_metrics(results))} of the model at step "
+              f"{results['selected_step']}; results in {epath.Path(_WORKDIR.value) / 'results.json'}")
 
 
 if __name__ == "__main__":

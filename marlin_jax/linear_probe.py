@@ -6,10 +6,16 @@
 Writes `<workdir>/results.json`; see `marlin_jax.downstream.probe.run_linear_probe`.
 """
 
+from absl import flags
+
 from marlin_jax import launch, storage
 
 _CONFIG, _WORKDIR = launch.define_config_and_workdir(
-    "Probe config file (configs/probe/*.py[:arg]).", "Folder for results.json.")
+    "probe", "Probe config: a file (configs/probe/*.py[:arg]) or a name (celebvhq_appearance, csv[:arg]).",
+    "Folder for results.json.")
+
+# --help lists the flags launch defines (--config, --workdir, the multi-host ones) beside this module's own.
+flags.adopt_module_key_flags(launch)
 
 
 def main(argv):
@@ -18,8 +24,13 @@ def main(argv):
     storage.check_paths(inputs={"--config.data.csv": config.data.csv, "--config.data.root": config.data.root},
                         buckets={"--workdir": _WORKDIR.value})
     launch.start(argv)
+    from etils import epath
+
+    from marlin_jax.downstream.metrics import summary_metrics
     from marlin_jax.downstream.probe import run_linear_probe
-    run_linear_probe(config, _WORKDIR.value)
+    results = run_linear_probe(config, _WORKDIR.value)
+    print(f"done: test {launch.metrics_text(summary_metrics(results))} (mean over {len(results['seeds'])} seed(s)); "
+          f"results in {epath.Path(_WORKDIR.value) / 'results.json'}")
 
 
 if __name__ == "__main__":

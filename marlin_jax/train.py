@@ -8,11 +8,16 @@ Rerunning the same command resumes from the newest checkpoint in --workdir. On m
 --num_processes and --process_id. See `marlin_jax.pretraining.trainer.train_and_evaluate`.
 """
 
+from absl import flags
+
 from marlin_jax import launch, storage
 
 _CONFIG, _WORKDIR = launch.define_config_and_workdir(
-    "Pretraining config file (configs/pretrain/*.py[:variant]).",
+    "pretrain", "Pretraining config: a file (configs/pretrain/*.py[:variant]) or a name (marlin_vit_base[:tiny]).",
     "Where checkpoints, logs and images go; resumed when it has some.")
+
+# --help lists the flags launch defines (--config, --workdir, the multi-host ones) beside this module's own.
+flags.adopt_module_key_flags(launch)
 
 
 def main(argv):
@@ -27,7 +32,8 @@ def main(argv):
     from marlin_jax.pretraining.trainer import train_and_evaluate
     metrics = train_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() == 0:
-        print("final metrics:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        print(f"done: {launch.metrics_text(metrics)}; checkpoints, metrics.jsonl and TensorBoard logs are in "
+              f"{_WORKDIR.value}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ local and multi-process Beam builds run once for the module."""
 
 import functools
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +21,8 @@ from gcs_emulator import gcs_emulator  # noqa: F401 - the fixture
 pytest.importorskip("apache_beam", reason="the Beam build needs the [beam] extra: pip install -e '.[beam]'")
 
 from data_prep.beam_pipeline import build_with_beam  # noqa: E402
-from data_prep.build import main as build_main  # noqa: E402
 from data_prep.builder import WORK_DIR, BuildConfig, build_dataset  # noqa: E402
-from data_prep.demo import synthesize_videos, write_mp4  # noqa: E402
+from data_prep.demo_videos import synthesize_videos, write_mp4  # noqa: E402
 from marlin_jax.data.pipeline import make_pretrain_loader  # noqa: E402
 from marlin_jax.data.tfrecord import read_records  # noqa: E402
 from marlin_jax.faces import FaceCropper, FrameCrop  # noqa: E402
@@ -165,19 +166,28 @@ def test_rerun_after_a_failed_job_gives_the_same_shards(builds):
     assert shard_records(root / "rerun", manifest) == shard_records(root / "local", local)
 
 
-def test_command_line(builds, capsys):
+def run_build_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_prep.build", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_command_line(builds):
     root, _, beam, _ = builds
     videos, output = str(root / "videos"), str(root / "beam")
-    build_main(["--runner=DirectRunner", "--direct_num_workers=1", f"--input={videos}", f"--output={output}",
-                "--val-fraction=0.2", "--shard-size=2", "--segment-frames=32", f"--image-size={CROP}"])
-    assert json.loads(capsys.readouterr().out)["splits"] == beam["splits"]  # already complete: nothing to run
-    with pytest.raises(SystemExit):
-        build_main([f"--input={videos}", f"--output={output}", "--direct_num_workers=1"])
-    assert "Beam pipeline options need --runner" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # a mistyped build flag must not be dropped as an unknown Beam option
-        build_main(["--runner=DirectRunner", f"--input={videos}", f"--output={output}", "--shard_size=3"])
-    error = capsys.readouterr().err
-    assert "--shard_size=3: neither a build option" in error and "nor a pipeline option of DirectRunner" in error
-    with pytest.raises(SystemExit):
-        build_main(["--runner=DataflowRunner", f"--input={videos}", "--output=gs://bucket/shards"])
-    assert "bucket paths" in capsys.readouterr().err
+    done = run_build_command("--runner=DirectRunner", "--direct_num_workers=1", f"--input={videos}",
+                             f"--output={output}", "--val_fraction=0.2", "--shard_size=2", "--segment_frames=32",
+                             f"--image_size={CROP}")  # already complete: nothing to run
+    assert done.returncode == 0, done.stderr[-3000:]
+    train, val = beam["splits"]["train"], beam["splits"]["val"]
+    assert (f"build complete: train {train['ok']} sources, {train['records']} records, {train['shards']} shards, "
+            f"val {val['ok']} sources, {val['records']} records, {val['shards']} shards; 2 source(s) failed"
+            ) in done.stdout
+    refused = run_build_command(f"--input={videos}", f"--output={output}", "--direct_num_workers=1")
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "error: unknown flags: --direct_num_workers=1 (Beam pipeline options need --runner)")
+    # A mistyped build flag must not be dropped as an unknown Beam option.
+    refused = run_build_command("--runner=DirectRunner", f"--input={videos}", f"--output={output}", "--shard_sise=3")
+    assert refused.returncode == 2 and "--shard_sise=3: neither a build option" in refused.stderr
+    assert "nor a pipeline option of DirectRunner" in refused.stderr
+    refused = run_build_command("--runner=DataflowRunner", f"--input={videos}", "--output=gs://bucket/shards")
+    assert refused.returncode == 2 and "bucket paths" in refused.stderr

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from data_prep.demo import make_demo_dataset
+from data_prep.demo_videos import make_demo_dataset
 from marlin_jax.data import codecs
 from marlin_jax.data.pipeline import make_pretrain_loader
 from marlin_jax.data.record_dataset import (CorruptDataError, RecordCounts, check_corrupt_fraction,

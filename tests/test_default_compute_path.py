@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_prep.demo import make_demo_dataset
+from data_prep.demo_videos import make_demo_dataset
 from marlin_jax.config_files import load_config
 from official_lr import official_lr_curve, official_lr_per_batch
 

@@ -17,7 +17,7 @@ from skimage import data as skimage_data
 
 from data_prep.atomic import DiskFullError, atomic_path
 from data_prep.builder import BuildConfig, build_dataset
-from data_prep.demo import render_video, write_mp4
+from data_prep.demo_videos import render_video, write_mp4
 from marlin_jax.data.shards import load_manifest
 from marlin_jax.training import checkpoints
 from tiny_pretraining import make_small_demo, read_metrics, run_env, run_train, without_timing
@@ -117,7 +117,7 @@ def test_the_build_command_reports_a_full_disk_in_one_line(videos, reference, sm
     _fill(small_disk, sum(map(len, reference.values())) // NUM_VIDEOS // 2)
     output = small_disk / "shards"
     result = subprocess.run([sys.executable, "-m", "data_prep.build", f"--input={videos}", f"--output={output}",
-                             "--workers=1", "--val-fraction=0", "--shard-size=2", "--image-size=112"],
+                             "--workers=1", "--val_fraction=0", "--shard_size=2", "--image_size=112"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

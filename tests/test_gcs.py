@@ -33,7 +33,7 @@ from gcs_emulator import FaultyProxy, gcs_emulator  # noqa: F401 - the fixture
 from tiny_pretraining import IMAGE_SIZE, LOSSES, REPO_ROOT, read_metrics, run_env
 
 from data_prep.builder import BuildConfig, build_dataset, default_cropper_factory
-from data_prep.demo import synthesize_videos
+from data_prep.demo_videos import synthesize_videos
 from marlin_jax import storage
 from marlin_jax.data import shards as shard_dir
 from marlin_jax.data.schema import parse_clip
@@ -56,7 +56,7 @@ RUN_FAULTS = {"unavailable_every": 211, "reset_every": 241, "cut_every": 113}
 # one, and the run and the extraction must agree on the architecture.
 TINY_32_CONFIG = f'''
 from marlin_jax.architectures import VIT_SMALL
-from marlin_jax.configs import pretrain_config
+from marlin_jax.config_builders import pretrain_config
 
 
 def get_config(variant=None):
@@ -72,8 +72,8 @@ def run_module(module: str, *args: str, env: dict, timeout: int = 600) -> subpro
 
 
 def build_args(input_dir: str, output_dir: str) -> list[str]:
-    return ["--input", input_dir, "--output", output_dir, "--workers", "1", "--shard-size", "2",
-            "--val-fraction", "0.2", "--image-size", str(IMAGE_SIZE)]
+    return ["--input", input_dir, "--output", output_dir, "--workers", "1", "--shard_size", "2",
+            "--val_fraction", "0.2", "--image_size", str(IMAGE_SIZE)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from data_prep.demo import make_demo_dataset
+from data_prep.demo_videos import make_demo_dataset
 from marlin_jax import Marlin
 from marlin_jax.architectures import VIT_SMALL, VIT_TINY, MarlinArchitecture
 from marlin_jax.config_files import load_config

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from marlin_jax.architectures import VIT_TINY
-from marlin_jax.configs import pretrain_config
+from marlin_jax.config_builders import pretrain_config
 from marlin_jax.interop import export_state_dict
 from marlin_jax.pretraining.state import init_train_state, make_optimizer
 from marlin_jax.pretraining.step import StepSettings, make_train_step, prepare_batch

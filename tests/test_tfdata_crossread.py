@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from data_prep.demo import make_demo_dataset
+from data_prep.demo_videos import make_demo_dataset
 from marlin_jax.data import codecs, schema
 from marlin_jax.data.tfrecord import read_records
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from data_prep.demo import make_demo_dataset
+from data_prep.demo_videos import make_demo_dataset
 from marlin_jax.training import checkpoints
 from marlin_jax.config_files import load_config
 from marlin_jax.pretraining.trainer import build_trainer, train_and_evaluate

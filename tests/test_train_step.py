@@ -18,7 +18,7 @@ from marlin_jax.architectures import VIT_TINY
 from marlin_jax.training.schedules import per_epoch, warmup_cosine
 from marlin_jax.pretraining.state import init_train_state, make_optimizer
 from marlin_jax.pretraining.step import StepSettings, make_train_step, prepare_batch
-from marlin_jax.configs import pretrain_config
+from marlin_jax.config_builders import pretrain_config
 from official_lr import official_lr_curve, official_lr_per_batch
 
 ARCH = VIT_TINY

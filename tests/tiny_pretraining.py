@@ -15,7 +15,7 @@ import sys
 from etils import epath
 
 from data_prep.builder import BuildConfig, build_dataset
-from data_prep.demo import synthesize_videos
+from data_prep.demo_videos import synthesize_videos
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO_ROOT / "configs/pretrain/marlin_vit_small.py") + ":tiny"

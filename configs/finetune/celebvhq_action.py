@@ -11,7 +11,7 @@ or `tiny` for a CPU smoke run. bfloat16 on TPUs: --config.compute_dtype=bfloat16
 
 import ml_collections
 
-from marlin_jax.configs import apply_finetune_arg, finetune_config
+from marlin_jax.config_builders import apply_finetune_arg, finetune_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

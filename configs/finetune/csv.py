@@ -11,7 +11,7 @@ of a task (binary, the default, multiclass or multilabel), a backbone (marlin_vi
 
 import ml_collections
 
-from marlin_jax.configs import apply_finetune_arg, finetune_config
+from marlin_jax.config_builders import apply_finetune_arg, finetune_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -8,7 +8,7 @@
 """
 
 from marlin_jax.architectures import VIT_SMALL
-from marlin_jax.configs import pretrain_config
+from marlin_jax.config_builders import pretrain_config
 
 
 def get_config(variant=None):

@@ -11,7 +11,7 @@ Low-data regime: --config.data_ratio=0.1 --config.seeds=0,1,2.
 
 import ml_collections
 
-from marlin_jax.configs import probe_config
+from marlin_jax.config_builders import probe_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

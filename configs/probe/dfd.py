@@ -10,7 +10,7 @@ ships no DFD probe).
 
 import ml_collections
 
-from marlin_jax.configs import probe_config
+from marlin_jax.config_builders import probe_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

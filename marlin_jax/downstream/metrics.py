@@ -96,3 +96,8 @@ def auc_batch_mean(task: str, labels: np.ndarray, logits: np.ndarray, batch: int
 def selection_metrics(task: str, labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     """`probe_metrics` plus `auc_batch_mean`: everything a validation pass reports and can select on."""
     return {**probe_metrics(task, labels, logits), "auc_batch_mean": auc_batch_mean(task, labels, logits)}
+
+
+def summary_metrics(results: dict) -> dict[str, float]:
+    """The test metrics at the top level of a results.json (probe or fine-tuning), for a one-line summary."""
+    return {name: results[name] for name in SELECTABLE[results["task"]] if isinstance(results.get(name), float)}
