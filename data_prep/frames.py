@@ -1,6 +1,6 @@
 """Frames of a source, decoded in order, and segments that bound record size.
 
-Videos are decoded with PyAV, with FFmpeg's frame/slice threading on `threads` threads; YouTube Faces folders
+Videos are decoded by `marlin_jax.video` (PyAV), with FFmpeg's frame/slice threading on `threads` threads; YouTube Faces folders
 are read image by image in natural order (`1.10.jpg` after `1.9.jpg`; the official loader sorts names as
 strings). Both may sit in a bucket (`etils.epath`; a remote video is read through a file object).
 """
@@ -9,39 +9,20 @@ import re
 from collections.abc import Iterator
 from typing import TypeVar
 
-import av
 import cv2
 import numpy as np
 from etils import epath
 
-from marlin_jax import storage
+from marlin_jax.video import decoded_frames
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 T = TypeVar("T")
 
 
-def video_fps(path: str) -> float:
-    """Average frame rate of the first video stream; 0.0 when the container does not say."""
-    with storage.readable_source(path) as source, av.open(source) as container:
-        stream = _video_stream(container, path)
-        rate = stream.average_rate or stream.guessed_rate
-        return float(rate) if rate else 0.0
-
-
 def iter_video_frames(path: str, threads: int = 0) -> Iterator[np.ndarray]:
     """(H, W, 3) uint8 RGB frames of the first video stream; `threads` 0 lets FFmpeg choose (one per core)."""
-    with storage.readable_source(path) as source, av.open(source) as container:
-        stream = _video_stream(container, path)
-        stream.thread_type = "AUTO"
-        stream.thread_count = threads
-        for frame in container.decode(stream):
-            yield frame.to_ndarray(format="rgb24")
-
-
-def _video_stream(container, path: str):
-    if not container.streams.video:
-        raise ValueError(f"{path} has no video stream")
-    return container.streams.video[0]
+    for frame in decoded_frames(path, threads):
+        yield frame.to_ndarray(format="rgb24")
 
 
 def _natural_key(name: str) -> list:

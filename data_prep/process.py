@@ -28,12 +28,14 @@ from marlin_jax.data import codecs
 from marlin_jax.data.schema import ClipRecord, serialize_clip
 from marlin_jax.data.tfrecord import RecordWriter
 from marlin_jax.faces import FrameCrop, NoFaceError
+from marlin_jax.video import video_fps
 
 # A build gets its parallelism from worker processes, one per core; FFmpeg's own threads would only compete with
 # them (and cost about 10% more CPU per frame even alone).
 DECODE_THREADS = 1
-# What a broken, unreadable or faceless source raises (NoFaceError is a ValueError; a missing or unreadable
-# video file is an FFmpegError). OSError is left out on purpose: a full disk must stop the build.
+# What a broken, unreadable or faceless source raises (NoFaceError and marlin_jax.video's VideoDecodeError, which a
+# missing or unreadable video file gives, are ValueErrors). OSError is left out on purpose: a full disk must stop
+# the build.
 _SOURCE_ERRORS = (av.FFmpegError, ValueError, cv2.error)
 
 
@@ -100,7 +102,7 @@ def _encoded(crops: Iterator[FrameCrop], jpeg_quality: int) -> Iterator[_Encoded
 def _write_segments(source: Source, cropper: Cropper, settings: EncodeSettings, writer: RecordWriter,
                     counts: dict) -> None:
     if settings.layout == "videos":
-        fps = frame_io.video_fps(source.path)
+        fps = video_fps(source.path)
         frames = frame_io.iter_video_frames(source.path, threads=DECODE_THREADS)
     else:
         fps, frames = 0.0, frame_io.iter_image_folder_frames(source.path)

@@ -112,4 +112,4 @@ def official_architecture(name: str) -> MarlinArchitecture:
     except KeyError:
         raise ValueError(
             f"unknown MARLIN model name {name!r}; official names are {', '.join(OFFICIAL_ARCHITECTURES)}, "
-            "or pass a config file such as configs/pretrain/marlin_vit_base.py[:variant]") from None
+            "or a pretraining config such as marlin_vit_base[:variant] or configs/pretrain/marlin_vit_base.py") from None

@@ -14,8 +14,9 @@ _CONFIG, _WORKDIR = launch.define_config_and_workdir(
     "probe", "Probe config: a file (configs/probe/*.py[:arg]) or a name (celebvhq_appearance, csv[:arg]).",
     "Folder for results.json.")
 
-# --help lists the flags launch defines (--config, --workdir, the multi-host ones) beside this module's own.
-flags.adopt_module_key_flags(launch)
+# --help lists --config and --workdir, which launch defines (a probe runs on one host: no multi-host flags).
+flags.declare_key_flag("config")
+flags.declare_key_flag("workdir")
 
 
 def main(argv):

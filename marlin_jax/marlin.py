@@ -29,12 +29,18 @@ from marlin_jax.training import checkpoints
 
 
 def resolve_architecture(model: str | MarlinArchitecture) -> MarlinArchitecture:
-    """An official name (`marlin_vit_base_ytf`), a config file (`configs/pretrain/x.py[:variant]`), or as is."""
+    """An official name (`marlin_vit_base_ytf`), a pretraining config by file (`configs/pretrain/x.py[:variant]`) or
+    by name (`marlin_vit_small:tiny`), or as is."""
     if isinstance(model, MarlinArchitecture):
         return model
-    if model in OFFICIAL_ARCHITECTURES or not model.partition(":")[0].endswith(".py"):
+    if model in OFFICIAL_ARCHITECTURES:
         return official_architecture(model)
-    return MarlinArchitecture.from_dict(load_config(model).model.to_dict())
+    try:
+        config = load_config(model, kind="pretrain")
+    except ValueError:
+        official_architecture(model)  # names the official models and the config forms
+        raise
+    return MarlinArchitecture.from_dict(config.model.to_dict())
 
 
 def _as_channels_last(x) -> jax.Array:

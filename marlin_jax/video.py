@@ -67,13 +67,15 @@ def _reason(error: Exception) -> str:
     return getattr(error, "strerror", None) or str(error)
 
 
-def decoded_frames(path) -> Iterator[av.VideoFrame]:
-    """Every frame of the first video stream, in order; VideoDecodeError names the file and FFmpeg's reason."""
+def decoded_frames(path, threads: int = 0) -> Iterator[av.VideoFrame]:
+    """Every frame of the first video stream, in order; VideoDecodeError names the file and FFmpeg's reason.
+    FFmpeg decodes on `threads` threads (0: one per core)."""
     with _open(path) as container:
         if not container.streams.video:
             raise VideoDecodeError(f"{path} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.thread_count = threads
         try:
             yield from container.decode(stream)
         except av.FFmpegError as error:
