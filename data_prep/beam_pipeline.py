@@ -90,7 +90,7 @@ def build_with_beam(config: BuildConfig, runner: str, pipeline_args: list[str],
 
 def pipeline_options(runner: str, workers: int, pipeline_args: list[str]) -> PipelineOptions:
     """The options for `runner`; PipelineOptionsError names any argument that no option of Beam or of the
-    runner takes (Beam would only log it and drop it: a mistyped build flag, `--shard_size`, would be lost)."""
+    runner takes (Beam would only log it and drop it: a mistyped build flag, `--shard_sise`, would be lost)."""
     # DirectRunner runs in one thread unless told otherwise; `--workers` then means what it means locally.
     # Options given in `pipeline_args` come later and win.
     direct = [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
@@ -104,8 +104,7 @@ def pipeline_options(runner: str, workers: int, pipeline_args: list[str]) -> Pip
              arg.lstrip("-").split("=", 1)[0].replace("-", "_") in unknown]
     if unknown:
         raise PipelineOptionsError(f"{' '.join(flags) or ', '.join(sorted(unknown))}: neither a build option "
-                                   "(spelled with '-': --shard-size; see python -m data_prep.build --help) nor a "
-                                   f"pipeline option of {runner} (spelled with '_': --temp_location)")
+                                   f"(see python -m data_prep.build --help) nor a pipeline option of {runner}")
     return options
 
 
