@@ -24,8 +24,9 @@ from absl import flags
 from marlin_jax import launch, storage
 from marlin_jax.extraction import REDUCTIONS
 
-_MODEL = flags.DEFINE_string("model", None, "Official name (marlin_vit_base_ytf, ...) or config file "
-                                            "(configs/pretrain/x.py[:variant]).")
+_MODEL = flags.DEFINE_string("model", None, "Official name (marlin_vit_base_ytf, ...) or pretraining config (file "
+                                            "or name, marlin_vit_small[:variant]); optional when --weights is a "
+                                            "workdir of this project, which knows its model.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Official .pt / .ckpt, VideoMAE .pth, or a marlin_jax workdir.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the .npy files go (sub-folders mirror the inputs).")
 _CROP_FACE = flags.DEFINE_bool("crop_face", False, "Crop the face of every frame first; without it, frames that are "
@@ -38,7 +39,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Clips per model call, ga
                                                        "over this host's devices (default: 1 per CPU, 8 per chip).")
 _TRUST = flags.DEFINE_bool("trust_pickled_checkpoint", False, "Unpickle a .ckpt that holds arbitrary Python "
                                                               "objects; this runs code from the file.")
-flags.mark_flags_as_required(["model", "weights", "output_dir"])
+flags.mark_flags_as_required(["weights", "output_dir"])
 
 # --help lists the flags launch defines (--config, --workdir, the multi-host ones) beside this module's own.
 flags.adopt_module_key_flags(launch)
@@ -54,13 +55,20 @@ def main(argv) -> None:
     launch.start(argv, positional=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("marlin_jax").setLevel(logging.INFO)
+    from etils import epath
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from marlin_jax.extraction import ExtractionOptions, extract_to_directory
     from marlin_jax.marlin import Marlin
     options = ExtractionOptions(crop_face=_CROP_FACE.value, keep_seq=_KEEP_SEQ.value, sample_rate=_SAMPLE_RATE.value,
                                 stride=_STRIDE.value, reduction=_REDUCTION.value, batch_size=_BATCH_SIZE.value)
-    model = Marlin.from_file(_MODEL.value, _WEIGHTS.value, trust_pickled_checkpoint=_TRUST.value)
+    if _MODEL.value is not None:
+        model = Marlin.from_file(_MODEL.value, _WEIGHTS.value, trust_pickled_checkpoint=_TRUST.value)
+    elif epath.Path(_WEIGHTS.value).is_dir():
+        model = Marlin.from_checkpoint(_WEIGHTS.value)
+    else:
+        raise ValueError(f"--weights {_WEIGHTS.value} is a file: name its model with --model (an official name "
+                         "such as marlin_vit_base_ytf, or a pretraining config)")
     with logging_redirect_tqdm():
         summary = extract_to_directory(model, inputs, _OUTPUT_DIR.value, options)
     print(f"wrote {len(summary.written)} feature file(s) to {_OUTPUT_DIR.value}; {len(summary.failed)} video(s) "
