@@ -34,7 +34,7 @@ from marlin_jax.faces import FrameCrop, NoFaceError
 DECODE_THREADS = 1
 # What a broken, unreadable or faceless source raises (NoFaceError is a ValueError; a missing or unreadable
 # video file is an FFmpegError). OSError is left out on purpose: a full disk must stop the build.
-_SOURCE_ERRORS = (av.FFmpegError, ValueError, cv2.error)
+SOURCE_ERRORS = (av.FFmpegError, ValueError, cv2.error)
 
 
 class Cropper(Protocol):
@@ -70,7 +70,7 @@ def process_source(source: Source, part_path: epath.Path, cropper: Cropper, sett
             if counts["num_records"] == 0:
                 raise NoFaceError("no face found in any frame")
         status = {"status": "ok", **counts}
-    except _SOURCE_ERRORS as error:
+    except SOURCE_ERRORS as error:
         part_path.unlink(missing_ok=True)
         status = {"status": "failed", "reason": f"{type(error).__name__}: {error}", **counts}
     status = {"source_id": source.source_id, "split": source.split, **status,
