@@ -92,7 +92,7 @@ def _process_and_assemble(build: "BuildState", config: BuildConfig,
     with tqdm(total=len(build.shard_of), initial=len(build.shard_of) - len(pending), unit="video",
               smoothing=0.1) as bar:
         frames, start = 0, time.perf_counter()
-        for status in _run(tasks, factory, settings, config.workers):
+        for status in run_in_workers(process.process_source, tasks, factory, settings, config.workers):
             build.record(status)
             frames += status["num_frames"]
             bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}",
@@ -101,8 +101,11 @@ def _process_and_assemble(build: "BuildState", config: BuildConfig,
     return build.finish()
 
 
-def _run(tasks: list[tuple[Source, epath.Path]], factory, settings, workers: int) -> Iterator[dict]:
-    """Status of each task as it finishes: in this process for one worker, else in a spawn pool."""
+def run_in_workers(work: Callable[..., dict], tasks: list[tuple], factory: Callable[[], process.Cropper], settings,
+                   workers: int) -> Iterator[dict]:
+    """`work(*task, cropper, settings)`'s status for each task as it finishes: in this process for one worker, else
+    in a spawn pool whose processes build one cropper each. `work` is a module-level function (workers unpickle it).
+    """
     if not tasks:
         return
     if workers == 1:
@@ -110,32 +113,30 @@ def _run(tasks: list[tuple[Source, epath.Path]], factory, settings, workers: int
         threads = cv2.getNumThreads()
         cv2.setNumThreads(1)  # as in a worker process (see _init_worker), restored afterwards
         try:
-            for source, part_path in tasks:
-                yield process.process_source(source, part_path, cropper, settings)
+            for task in tasks:
+                yield work(*task, cropper, settings)
         finally:
             cv2.setNumThreads(threads)
         return
     # spawn: MediaPipe/TFLite and FFmpeg threads do not survive fork.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(tasks)), _init_worker, (factory, settings)) as pool:
-        yield from pool.imap_unordered(_process_in_worker, tasks, chunksize=1)
+    with context.Pool(min(workers, len(tasks)), _init_worker, (work, factory, settings)) as pool:
+        yield from pool.imap_unordered(_work_in_worker, tasks, chunksize=1)
 
 
 _worker_state: dict = {}
 
 
-def _init_worker(factory, settings) -> None:
+def _init_worker(work, factory, settings) -> None:
     # One thread per worker process, as the pool has one process per core: OpenCV's own thread pool (like
     # FFmpeg's, see process.DECODE_THREADS) would only compete with the other workers, and costs about 10%
     # more CPU per frame even alone.
     cv2.setNumThreads(1)
-    _worker_state["cropper"] = factory()
-    _worker_state["settings"] = settings
+    _worker_state.update(work=work, cropper=factory(), settings=settings)
 
 
-def _process_in_worker(task: tuple[Source, epath.Path]) -> dict:
-    source, part_path = task
-    return process.process_source(source, part_path, _worker_state["cropper"], _worker_state["settings"])
+def _work_in_worker(task: tuple) -> dict:
+    return _worker_state["work"](*task, _worker_state["cropper"], _worker_state["settings"])
 
 
 class BuildState:

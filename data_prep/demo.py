@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["output"])
 
 
 def main(argv: list[str]) -> None:
-    launch.start(argv)
+    launch.check_arguments(argv)
     output = Path(_OUTPUT.value)
     manifest = make_demo_dataset(output, num_videos=_NUM_VIDEOS.value, workers=_WORKERS.value,
                                  image_size=_IMAGE_SIZE.value)

@@ -2,17 +2,17 @@
 
 The videos are camera moves over the public-domain portrait `skimage.data.astronaut()`: each pans, zooms and
 rolls a little while the lighting drifts, from its own seed. They are written as H.264 mp4 files with PyAV
-and then built by the same `data_prep.builder.build_dataset` as real data.
+(`data_prep.frames.encode_mp4`) and then built by the same `data_prep.builder.build_dataset` as real data.
 """
 
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 from skimage import data as skimage_data
 
 from data_prep.builder import BuildConfig, build_dataset
+from data_prep.frames import encode_mp4
 from marlin_jax.config_builders import DEMO_IMAGE_SIZE
 
 # Centre of the astronaut's face in the 512 px portrait, and a view side that frames it loosely.
@@ -52,14 +52,7 @@ def render_video(portrait: np.ndarray, num_frames: int, side: int, rng: np.rando
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = DEMO_FPS) -> None:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    Path(path).write_bytes(encode_mp4(frames, fps))
 
 
 def synthesize_videos(folder: Path, num_videos: int = 10, side: int = 320, seed: int = 0) -> list[Path]:

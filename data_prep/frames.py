@@ -1,14 +1,18 @@
-"""Frames of a source, decoded in order, and segments that bound record size.
+"""Frames of a source, decoded in order, segments that bound record size, and frames encoded as an mp4.
 
-Videos are decoded by `marlin_jax.video` (PyAV), with FFmpeg's frame/slice threading on `threads` threads; YouTube Faces folders
-are read image by image in natural order (`1.10.jpg` after `1.9.jpg`; the official loader sorts names as
-strings). Both may sit in a bucket (`etils.epath`; a remote video is read through a file object).
+Videos are decoded by `marlin_jax.video` and encoded here, both with PyAV (FFmpeg), decoding on `threads`
+threads; YouTube Faces folders are read image by image in natural order (`1.10.jpg` after `1.9.jpg`; the
+official loader sorts names as strings). Both may sit in a bucket (`etils.epath`; a remote video is read through a file object).
 """
 
+import fractions
+import io
+import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+import av
 import cv2
 import numpy as np
 from etils import epath
@@ -16,6 +20,8 @@ from etils import epath
 from marlin_jax.video import decoded_frames
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# H.264 constant-quality factor of the videos made here: visually lossless on face crops, a few MB a minute at 224 px.
+DEFAULT_CRF = 18
 T = TypeVar("T")
 
 
@@ -62,3 +68,25 @@ def iter_segments(items: Iterator[T], segment_frames: int) -> Iterator[tuple[int
         raise ValueError("no frames could be decoded")
     if buffer:
         yield first, buffer
+
+
+def encode_mp4(frames: Iterable[np.ndarray], fps: float, crf: int = DEFAULT_CRF) -> bytes:
+    """An H.264 mp4 (yuv420p) of (H, W, 3) uint8 RGB frames of one size with even sides, built in memory (so it can
+    be written whole to a disk or a bucket). Frames are encoded as they come. Raises ValueError without frames."""
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError("no frames to encode")
+    if fps <= 0:
+        raise ValueError(f"cannot encode a video at {fps} frames per second")
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        # NTSC rates (30000/1001) come back from their float exactly; integer rates stay integers.
+        stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = first.shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for frame in itertools.chain([first], frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()

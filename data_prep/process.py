@@ -36,7 +36,7 @@ DECODE_THREADS = 1
 # What a broken, unreadable or faceless source raises (NoFaceError and marlin_jax.video's VideoDecodeError, which a
 # missing or unreadable video file gives, are ValueErrors). OSError is left out on purpose: a full disk must stop
 # the build.
-_SOURCE_ERRORS = (av.FFmpegError, ValueError, cv2.error)
+SOURCE_ERRORS = (av.FFmpegError, ValueError, cv2.error)
 
 
 class Cropper(Protocol):
@@ -72,7 +72,7 @@ def process_source(source: Source, part_path: epath.Path, cropper: Cropper, sett
             if counts["num_records"] == 0:
                 raise NoFaceError("no face found in any frame")
         status = {"status": "ok", **counts}
-    except _SOURCE_ERRORS as error:
+    except SOURCE_ERRORS as error:
         part_path.unlink(missing_ok=True)
         status = {"status": "failed", "reason": f"{type(error).__name__}: {error}", **counts}
     status = {"source_id": source.source_id, "split": source.split, **status,

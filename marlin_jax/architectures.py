@@ -106,6 +106,41 @@ OFFICIAL_ARCHITECTURES: dict[str, MarlinArchitecture] = {
 }
 
 
+def official_name(arch: MarlinArchitecture) -> str | None:
+    return next((name for name, official in OFFICIAL_ARCHITECTURES.items() if official == arch), None)
+
+
+def tensor_sizes(arch: MarlinArchitecture, with_decoder: bool = True) -> dict[str, int]:
+    """The sizes that an official state_dict's tensor shapes reveal (attention heads do not show in them)."""
+    sizes = {"encoder_width": arch.encoder_embed_dim, "encoder_blocks": arch.encoder_depth,
+             "mlp_width": arch.mlp_dim, "patch_size": arch.patch_size, "tubelet_size": arch.tubelet_size,
+             "tokens": arch.num_tokens}
+    if with_decoder:
+        sizes.update(decoder_width=arch.decoder_embed_dim, decoder_blocks=arch.decoder_depth)
+    return sizes
+
+
+def describe_sizes(sizes: Mapping[str, int]) -> str:
+    """`tensor_sizes` (or the part of them a file shows) in words."""
+    def pair(part: str) -> str:
+        width, blocks = sizes.get(f"{part}_width", "?"), sizes.get(f"{part}_blocks", "?")
+        return f"{part} {width} wide x {blocks} blocks"
+
+    parts = [pair("encoder"), pair("decoder") if "decoder_width" in sizes else "no decoder"]
+    if "patch_size" in sizes:
+        parts.append(f"{sizes['patch_size']} px patches")
+    if "tokens" in sizes:
+        parts.append(f"{sizes['tokens']} tokens")
+    return ", ".join(parts)
+
+
+def describe(arch: MarlinArchitecture) -> str:
+    """The official name and sizes, or the sizes alone: enough to tell two architectures apart in a message."""
+    name = official_name(arch)
+    sizes = describe_sizes(tensor_sizes(arch))
+    return f"{name} ({sizes})" if name else sizes
+
+
 def official_architecture(name: str) -> MarlinArchitecture:
     try:
         return OFFICIAL_ARCHITECTURES[name]

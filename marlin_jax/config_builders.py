@@ -137,7 +137,7 @@ def pretrain_config(architecture: MarlinArchitecture, model_name: str, variant: 
     config.total_steps = ml_collections.FieldReference(None, field_type=int)  # None: num_epochs * steps_per_epoch
     config.grad_accum_steps = 1
     config.seed = 0
-    config.init_from = ""  # official .pt/.ckpt, VideoMAE .pth, or an orbax workdir
+    config.init_from = ""  # official name (e.g. marlin_vit_base_ytf.full), .pt/.ckpt/.safetensors, .pth, or a workdir
     config.trust_pickled_checkpoint = False  # unpickle an init_from .ckpt holding arbitrary objects (runs its code)
 
     config.compute_dtype = "bfloat16"
@@ -219,7 +219,7 @@ def finetune_config(architecture: MarlinArchitecture = VIT_BASE,
     config = ml_collections.ConfigDict()
     config.model_name = model_name
     config.model = ml_collections.ConfigDict(architecture.to_dict())
-    config.init_from = ""  # official .pt/.ckpt, VideoMAE .pth, or a pretraining workdir; "" = random encoder
+    config.init_from = ""  # official name, .pt/.ckpt/.safetensors, VideoMAE .pth, or a workdir; "" = random encoder
     config.trust_pickled_checkpoint = False  # unpickle an init_from .ckpt holding arbitrary objects (runs its code)
     config.task = "multilabel"  # binary | multiclass | multilabel
 

@@ -1,10 +1,13 @@
 """Extract MARLIN features from videos: one .npy per video.
 
-    python -m marlin_jax.extract --model marlin_vit_base_ytf --weights marlin_vit_base_ytf.encoder.pt \
+    python -m marlin_jax.extract --model marlin_vit_base_ytf --weights marlin_vit_base_ytf \
         --output_dir features/ videos/
     # raw footage (not 224x224 face crops): crop the face first
     python -m marlin_jax.extract --model marlin_vit_base_ytf --weights marlin_vit_base_ytf.encoder.pt \
         --output_dir features/ --crop_face --batch_size 16 videos/ extra_clip.mp4
+
+--weights takes an official name (the release file, downloaded once into ~/.cache/marlin_jax; see
+marlin_jax.interop.official_weights) or a file or workdir.
 
 Each video gives `<output_dir>/<sub-folders>/<stem>.npy`: (clips, D) floats, (clips, tokens, D) with
 --keep_seq, or (D,) with --reduction mean|max. The clip schedule is marlin_pytorch's extract_video (see
@@ -23,11 +26,13 @@ from absl import flags
 
 from marlin_jax import launch, storage
 from marlin_jax.extraction import REDUCTIONS
+from marlin_jax.interop import official_weights
 
 _MODEL = flags.DEFINE_string("model", None, "Official name (marlin_vit_base_ytf, ...) or pretraining config (file "
-                                            "or name, marlin_vit_small[:variant]); optional when --weights is a "
-                                            "workdir of this project, which knows its model.")
-_WEIGHTS = flags.DEFINE_string("weights", None, "Official .pt / .ckpt, VideoMAE .pth, or a marlin_jax workdir.")
+                                            "or name, marlin_vit_small[:variant]); optional when --weights is an "
+                                            "official name or a workdir of this project, which say their model.")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Official name (marlin_vit_base_ytf, downloaded once), official .pt / "
+                                                ".ckpt, .safetensors, VideoMAE .pth, or a marlin_jax workdir.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the .npy files go (sub-folders mirror the inputs).")
 _CROP_FACE = flags.DEFINE_bool("crop_face", False, "Crop the face of every frame first; without it, frames that are "
                                                    "not img_size squares are resized (not cropped) to one.")
@@ -51,7 +56,8 @@ def main(argv) -> None:
         raise ValueError("name at least one video file or folder after the flags")
     videos = {f"input {index + 1}": path for index, path in enumerate(inputs)}
     # Before launch.start: a wrong path is named within a second, before JAX loads or the hosts join.
-    storage.check_paths(inputs={"--weights": _WEIGHTS.value}, buckets={"--output_dir": _OUTPUT_DIR.value, **videos})
+    official_weights.check_weights_argument(_WEIGHTS.value, "--weights")
+    storage.check_paths(buckets={"--output_dir": _OUTPUT_DIR.value, **videos})
     launch.start(argv, positional=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("marlin_jax").setLevel(logging.INFO)
@@ -64,6 +70,9 @@ def main(argv) -> None:
                                 stride=_STRIDE.value, reduction=_REDUCTION.value, batch_size=_BATCH_SIZE.value)
     if _MODEL.value is not None:
         model = Marlin.from_file(_MODEL.value, _WEIGHTS.value, trust_pickled_checkpoint=_TRUST.value)
+    elif official_weights.is_weights_name(_WEIGHTS.value):
+        name, full_model = official_weights.parse_name(_WEIGHTS.value)
+        model = Marlin.from_online(name, full_model=full_model)
     elif epath.Path(_WEIGHTS.value).is_dir():
         model = Marlin.from_checkpoint(_WEIGHTS.value)
     else:

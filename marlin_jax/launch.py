@@ -31,11 +31,17 @@ def define_config_and_workdir(kind: str, config_help: str, workdir_help: str):
     return config, workdir
 
 
+def check_arguments(argv) -> None:
+    """For entry points that take no positional arguments: a stray one is bad input."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
 def start(argv, *, positional: bool = False) -> list[str]:
     """Checks the command line, quiets orbax, and joins the other JAX processes when asked to; returns the
     positional arguments (only entry points that take some pass `positional=True`)."""
-    if len(argv) > 1 and not positional:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not positional:
+        check_arguments(argv)
     # orbax logs a dozen INFO lines per checkpoint; the progress bar and warnings are what a user reads.
     # Pass -v 0 (or --verbosity=0) to see everything.
     if not flags.FLAGS["verbosity"].present:

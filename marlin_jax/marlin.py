@@ -1,6 +1,7 @@
 """`Marlin`: the inference facade, named and shaped as users of `marlin_pytorch` know it.
 
     from marlin_jax import Marlin
+    model = Marlin.from_online("marlin_vit_base_ytf")                # downloaded once, then from the cache
     model = Marlin.from_file("marlin_vit_base_ytf", "marlin_vit_base_ytf.encoder.pt")
     features = model.extract_features(clip, keep_seq=False)   # clip (B, 3, T, H, W) in [0, 1]
     model.to_pytorch("exported/marlin_vit_base.pt")            # + .yaml + .safetensors
@@ -20,9 +21,9 @@ from etils import epath
 from marlin_jax.architectures import OFFICIAL_ARCHITECTURES, MarlinArchitecture, official_architecture
 from marlin_jax.config_files import load_config
 from marlin_jax.extraction import FeatureExtractor, extract_video_features
-from marlin_jax.interop import torch_files
+from marlin_jax.interop import official_weights, torch_files
 from marlin_jax.interop.state_dict import export_state_dict
-from marlin_jax.interop.weights import load_weights
+from marlin_jax.interop.weights import load_weights, official_file
 from marlin_jax.masking import mask_to_indices
 from marlin_jax.model import MarlinMAE, init_params
 from marlin_jax.training import checkpoints
@@ -106,11 +107,29 @@ class Marlin:
     @classmethod
     def from_file(cls, model_name: str | MarlinArchitecture, path, *, step: int | None = None,
                   trust_pickled_checkpoint: bool = False) -> "Marlin":
-        """Loads an official `.pt` / Lightning `.ckpt`, a VideoMAE `.pth`, or a workdir of this project (its
-        latest checkpoint, or `step`; `<workdir>/best` for the best one). See `interop.weights.load_weights`."""
+        """Loads an official weights name (`marlin_vit_base_ytf`, downloaded once), an official `.pt` / Lightning
+        `.ckpt`, a `.safetensors` export, a VideoMAE `.pth`, or a workdir of this project (its latest checkpoint,
+        or `step`; `<workdir>/best` for the best one). See `interop.weights.load_weights`."""
         arch = resolve_architecture(model_name)
         weights = load_weights(arch, path, step=step, trust_pickled_checkpoint=trust_pickled_checkpoint)
         return cls(arch, weights.generator, weights.discriminator, model_name if isinstance(model_name, str) else None)
+
+    @classmethod
+    def from_online(cls, model_name: str, full_model: bool = False) -> "Marlin":
+        """The official release weights of `model_name` (marlin_vit_small_ytf, marlin_vit_base_ytf,
+        marlin_vit_large_ytf): the encoder, or with `full_model` the encoder and decoder. Downloaded once into
+        `~/.cache/marlin_jax` (or `$MARLIN_JAX_CACHE_DIR`), from `$MARLIN_JAX_WEIGHTS_URL` when set; see
+        `interop.official_weights`."""
+        if model_name not in OFFICIAL_ARCHITECTURES:
+            raise ValueError(f"no official weights are named {model_name!r}; the official models are "
+                             f"{', '.join(OFFICIAL_ARCHITECTURES)}")
+        weights = model_name + official_weights.FULL_SUFFIX if full_model else model_name
+        return cls.from_file(model_name, official_file(weights, official_architecture(model_name)))
+
+    @staticmethod
+    def clean_cache() -> None:
+        """Deletes the downloaded official weights (the whole cache folder)."""
+        official_weights.clean_cache()
 
     @classmethod
     def from_checkpoint(cls, workdir, step: int | None = None) -> "Marlin":

@@ -11,6 +11,7 @@ Rerunning the same command resumes from the newest checkpoint in --workdir. On m
 from absl import flags
 
 from marlin_jax import launch, storage
+from marlin_jax.interop import official_weights
 
 _CONFIG, _WORKDIR = launch.define_config_and_workdir(
     "pretrain", "Pretraining config: a file (configs/pretrain/*.py[:variant]) or a name (marlin_vit_base[:tiny]).",
@@ -25,8 +26,9 @@ def main(argv):
     # Before launch.start: a wrong path is named within a second, before JAX loads or the hosts join.
     evaluator_paths = {f"--config.evals.{name}.{key}": block[key] for name, block in config.evals.items()
                        for key in ("path", "csv") if block.get(key)}
-    storage.check_paths(inputs={"--config.data.path": config.data.path, "--config.init_from": config.init_from,
-                                **evaluator_paths}, buckets={"--workdir": _WORKDIR.value})
+    official_weights.check_weights_argument(config.init_from, "--config.init_from")
+    storage.check_paths(inputs={"--config.data.path": config.data.path, **evaluator_paths},
+                        buckets={"--workdir": _WORKDIR.value})
     launch.start(argv)
     import jax
     from marlin_jax.pretraining.trainer import train_and_evaluate

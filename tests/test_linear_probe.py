@@ -302,11 +302,17 @@ def test_bad_celebvhq_input_names_the_problem(tmp_path):
     (root / "train.txt").write_text("clip00000\n")
     with pytest.raises(ValueError, match="split files are incomplete"):
         tasks.read_celebvhq_task(root, "marlin_vit_base_ytf", ".npy", "appearance")
+    (root / "marlin_vit_base_ytf/stranger.npy").unlink()
+    (root / "train.txt").unlink()
     info = json.loads((root / "celebvhq_info.json").read_text())
     info["clips"]["clip00003"]["attributes"]["appearance"] = [0, 1]
     (root / "celebvhq_info.json").write_text(json.dumps(info))
-    with pytest.raises(ValueError, match=r"clips\['clip00003'\]\['attributes'\]\['appearance'\]"):
-        tasks.read_attribute_labels(root / "celebvhq_info.json", "appearance")
+    with pytest.raises(ValueError, match=r"no usable labels.*clips\['clip00003'\]\['attributes'\]\['appearance'\]"):
+        tasks.read_celebvhq_task(root, "marlin_vit_base_ytf", ".npy", "appearance")
+    # A clip outside the splits may lack labels (data_prep.celebvhq leaves such videos out).
+    (root / "marlin_vit_base_ytf/clip00003.npy").unlink()
+    train = tasks.read_celebvhq_task(root, "marlin_vit_base_ytf", ".npy", "appearance").splits["train"]
+    assert len(train) == 15 and "clip00003" not in train.ids
     with pytest.raises(ValueError, match="label file not found"):
         tasks.read_attribute_labels(root / "missing.json", "appearance")
 

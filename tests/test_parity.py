@@ -182,10 +182,11 @@ def test_unknown_model_name():
         Marlin.from_file("marlin_vit_huge", "whatever.pt")
 
 
-def test_checkpoint_for_another_size_names_the_key(marlin_pytorch, tmp_path):
+def test_checkpoint_for_another_size_names_both_sizes(marlin_pytorch, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(build_torch_marlin(marlin_pytorch, VIT_TINY, seed=14).state_dict(), path)
-    with pytest.raises(ValueError, match=r"encoder\.patch_embedding\.projection\.weight.*shape"):
+    with pytest.raises(ValueError, match=r"tiny.pt: .*another architecture: encoder 64 wide x 2 blocks, decoder 32 "
+                                         r"wide x 1 blocks.*the model is marlin_vit_small_ytf \(encoder 384 wide"):
         Marlin.from_file("marlin_vit_small_ytf", path)
 
 

@@ -1,7 +1,7 @@
 """Fine-tuning: CelebV-HQ action attributes (35 labels, multilabel), official FT hyper-parameters.
 
     python -m marlin_jax.finetune --config configs/finetune/celebvhq_action.py \
-        --config.data.root=/data/CelebV-HQ --config.init_from=marlin_vit_base_ytf.encoder.pt \
+        --config.data.root=/data/CelebV-HQ --config.init_from=marlin_vit_base_ytf \
         --workdir runs/finetune/celebvhq_action
 
 Expects <root>/celebvhq_info.json and <root>/cropped/<clip id>.mp4 (see marlin_jax/downstream/tasks.py).

@@ -1,7 +1,7 @@
 """Fine-tuning on face videos listed in a CSV (`path,split,label` or `path,split,label_0,...,label_K-1`).
 
     python -m marlin_jax.finetune --config configs/finetune/csv.py:multiclass \
-        --config.data.csv=/data/mine/videos.csv --config.init_from=marlin_vit_base_ytf.encoder.pt \
+        --config.data.csv=/data/mine/videos.csv --config.init_from=marlin_vit_base_ytf \
         --workdir runs/finetune/mine
 
 Paths in the CSV are relative to its folder and name face-cropped videos. The arg is a comma-separated list

@@ -180,29 +180,48 @@ def read_split_files(root: epath.Path) -> dict[str, list[str]] | None:
             for name, path in paths.items()}
 
 
-def read_attribute_labels(info_path: epath.Path, attribute: str) -> tuple[dict[str, list[int]], tuple[str, ...] | None]:
-    """Returns {clip id: 0/1 list} for one attribute group, and the label names when the json has them."""
-    if attribute not in ATTRIBUTE_COUNTS:
-        raise ValueError(f"CelebV-HQ attribute must be one of {tuple(ATTRIBUTE_COUNTS)}, got {attribute!r}")
+def read_info(info_path) -> dict:
+    """`celebvhq_info.json`, checked to hold a "clips" mapping."""
+    info_path = epath.Path(info_path)
     if not info_path.is_file():
         raise ValueError(f"CelebV-HQ label file not found: {info_path}")
-    info = json.loads(info_path.read_text())
-    if not isinstance(info.get("clips"), dict):
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{info_path} is not valid JSON: {error}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("clips"), dict):
         raise ValueError(f"{info_path} has no 'clips' mapping")
-    labels = {}
+    return info
+
+
+def attribute_problem(clip, attribute: str) -> str | None:
+    """Why a `clips` entry of celebvhq_info.json has no usable labels of one attribute group; None when it has."""
+    attributes = clip.get("attributes") if isinstance(clip, dict) else None
+    values = attributes.get(attribute) if isinstance(attributes, dict) else None
+    if not isinstance(values, list) or len(values) != ATTRIBUTE_COUNTS[attribute]:
+        return f"['attributes'][{attribute!r}] must be a list of {ATTRIBUTE_COUNTS[attribute]} labels, got {values!r}"
+    if others := [value for value in values if not isinstance(value, int) or value not in (0, 1)]:
+        return f"['attributes'][{attribute!r}] holds values other than 0/1: {others[:5]}"
+    return None
+
+
+def read_attribute_labels(info_path: epath.Path, attribute: str
+                          ) -> tuple[dict[str, list[int]], dict[str, str], tuple[str, ...] | None]:
+    """{clip id: 0/1 list} of one attribute group for the clips that have it, {clip id: problem} for the clips
+    whose entry lacks it, and the label names when the json has them."""
+    if attribute not in ATTRIBUTE_COUNTS:
+        raise ValueError(f"CelebV-HQ attribute must be one of {tuple(ATTRIBUTE_COUNTS)}, got {attribute!r}")
+    info = read_info(info_path)
+    labels, problems = {}, {}
     for clip_id, clip in info["clips"].items():
-        values = clip.get("attributes", {}).get(attribute)
-        if not isinstance(values, list) or len(values) != ATTRIBUTE_COUNTS[attribute]:
-            raise ValueError(f"{info_path}: clips[{clip_id!r}]['attributes'][{attribute!r}] must be a list of "
-                             f"{ATTRIBUTE_COUNTS[attribute]} labels, got {values!r}")
-        if not set(values) <= {0, 1}:
-            raise ValueError(f"{info_path}: clips[{clip_id!r}]['attributes'][{attribute!r}] holds values "
-                             f"other than 0/1: {sorted(set(values))}")
-        labels[clip_id] = values
+        if problem := attribute_problem(clip, attribute):
+            problems[clip_id] = f"{info_path}: clips[{clip_id!r}]{problem}"
+        else:
+            labels[clip_id] = clip["attributes"][attribute]
     # The dataset's README documents the key as "mete_info"; accept the corrected spelling as well.
     meta = info.get("mete_info") or info.get("meta_info") or {}
     names = meta.get(f"{attribute}_mapping")
-    return labels, tuple(names) if names and len(names) == ATTRIBUTE_COUNTS[attribute] else None
+    return labels, problems, tuple(names) if names and len(names) == ATTRIBUTE_COUNTS[attribute] else None
 
 
 def read_celebvhq_task(root, files_dir: str, suffix: str, attribute: str) -> LabelledTask:
@@ -212,11 +231,13 @@ def read_celebvhq_task(root, files_dir: str, suffix: str, attribute: str) -> Lab
     if not files_root.is_dir():
         raise ValueError(f"CelebV-HQ folder not found: {files_root}")
     info_path = root / "celebvhq_info.json"
-    labels, names = read_attribute_labels(info_path, attribute)
+    labels, problems, names = read_attribute_labels(info_path, attribute)
     split_ids = read_split_files(root) or derive_split([path.name[:-len(suffix)]
                                                         for path in files_root.glob(f"*{suffix}")])
     splits = {}
     for split, clip_ids in split_ids.items():
+        if bad := [problems[clip_id] for clip_id in clip_ids if clip_id in problems]:
+            raise ValueError(f"{len(bad)} {split} clip(s) have no usable labels, e.g. {bad[0]}")
         unlabelled = [clip_id for clip_id in clip_ids if clip_id not in labels]
         if unlabelled:
             raise ValueError(f"{len(unlabelled)} {split} clips have no entry in {info_path}, e.g. {unlabelled[:3]}")

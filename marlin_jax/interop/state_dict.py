@@ -11,11 +11,12 @@ encoder-only checkpoint, {"encoder"}; the discriminator is `PatchDiscriminator`'
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from marlin_jax.architectures import MarlinArchitecture
+from marlin_jax.architectures import OFFICIAL_ARCHITECTURES, MarlinArchitecture, describe, describe_sizes, tensor_sizes
 
 Array = np.ndarray
 FlaxPath = tuple[str, ...]
@@ -147,12 +148,59 @@ def _has_prefix(state: Mapping[str, Array], prefixes: tuple[str, ...]) -> bool:
     return any(key.startswith(prefixes) for key in state)
 
 
+def _shape(state: Mapping[str, Array], key: str, ndim: int) -> tuple[int, ...] | None:
+    shape = tuple(np.shape(state[key])) if key in state else None
+    return shape if shape is not None and len(shape) == ndim else None
+
+
+def _block_count(state: Mapping[str, Array], prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.blocks\.(\d+)\.")
+    indices = {int(match.group(1)) for key in state if (match := pattern.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def sizes_in_state_dict(state: Mapping[str, Array]) -> dict[str, int]:
+    """The architecture sizes (`architectures.tensor_sizes`) that an official state_dict's tensors show."""
+    sizes = {}
+    if patch := _shape(state, "encoder.patch_embedding.projection.weight", 5):
+        sizes.update(encoder_width=patch[0], tubelet_size=patch[2], patch_size=patch[3])
+    if table := _shape(state, "encoder.pos_embedding.emb", 3):
+        sizes["tokens"] = table[1]
+    if blocks := _block_count(state, "encoder"):
+        sizes["encoder_blocks"] = blocks
+    if fc1 := _shape(state, "encoder.blocks.0.mlp.layers.0.linear.weight", 2):
+        sizes["mlp_width"] = fc1[0]
+    if norm := _shape(state, "decoder.norm.weight", 1):
+        sizes["decoder_width"] = norm[0]
+    if blocks := _block_count(state, "decoder"):
+        sizes["decoder_blocks"] = blocks
+    return sizes
+
+
+def describe_state_dict(sizes: Mapping[str, int]) -> str:
+    """A state_dict's sizes in words, with the official model they belong to when they match one."""
+    with_decoder = "decoder_width" in sizes
+    names = [name for name, arch in OFFICIAL_ARCHITECTURES.items()
+             if all(tensor_sizes(arch, with_decoder).get(key) == value for key, value in sizes.items())]
+    return f"{names[0]} ({describe_sizes(sizes)})" if len(names) == 1 else describe_sizes(sizes)
+
+
+def check_architecture(state: Mapping[str, Array], arch: MarlinArchitecture) -> None:
+    """Fails, naming both architectures, when the state_dict's tensors show sizes that `arch` does not have."""
+    sizes = sizes_in_state_dict(state)
+    expected = tensor_sizes(arch, with_decoder="decoder_width" in sizes)
+    if any(expected.get(key) != value for key, value in sizes.items()):
+        raise ValueError(f"the checkpoint holds weights of another architecture: {describe_state_dict(sizes)}; "
+                         f"the model is {describe(arch)}")
+
+
 def import_state_dict(state: Mapping[str, Array], arch: MarlinArchitecture) -> tuple[dict, dict | None]:
     """Official state_dict (numpy values) -> (generator params, discriminator params or None).
 
     Encoder-only checkpoints (`*.encoder.pt`) give a generator tree with "encoder" alone. Every tensor must be
     used: an unexpected key means the file is not what the architecture says, and is an error.
     """
+    check_architecture(state, arch)
     rules = encoder_rules(arch)
     if _has_prefix(state, ("decoder.", "enc_dec_proj.")):
         rules += decoder_rules(arch)

@@ -1,7 +1,8 @@
 """Reading and writing the PyTorch-side files: official `.pt` / Lightning `.ckpt`, VideoMAE `.pth`, and exports
 (`.pt` state_dict, the YAML that `marlin_pytorch.config.register_model_from_yaml` reads, `.safetensors`).
 
-torch is imported lazily: only these files need it (`pip install marlin_jax[torch]`). Paths may be local or in a
+torch is imported lazily: only the torch files need it (`pip install marlin_jax[torch]`); `.safetensors` files are
+read and written with the `safetensors` package alone. Paths may be local or in a
 bucket (`etils.epath`): a remote checkpoint is read into memory and handed to torch as bytes, and every file
 written appears whole or not at all (`marlin_jax.storage.write_once`).
 """
@@ -167,7 +168,7 @@ def read_torch_checkpoint(path, arch: MarlinArchitecture, *,
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unsupported checkpoint type {path.suffix!r}; expected one of "
-                         f"{', '.join(TORCH_SUFFIXES)} or an orbax checkpoint directory")
+                         f"{', '.join(TORCH_SUFFIXES)}, .safetensors or an orbax checkpoint directory")
     loaded = _torch_load(path, trust_pickled_code)
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state_dict")
@@ -187,6 +188,26 @@ def write_torch_state_dict(state: Mapping[str, np.ndarray], path) -> None:
     torch = _torch()
     with storage.write_once(path) as file:
         torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}, file)
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """A `.safetensors` state_dict (official tensor names, as `write_safetensors` writes them) as numpy arrays,
+    floating point ones as float32, like `read_torch_checkpoint`."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = epath.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        state = load(path.read_bytes())
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    except KeyError as error:  # safetensors.numpy knows the dtypes numpy has, which leaves out bfloat16
+        raise ValueError(f"{path} holds {error} tensors, which numpy cannot hold; save the weights as float32 "
+                         "(Marlin.to_pytorch and export do)") from None
+    return {key: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+            for key, value in state.items()}
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], path) -> None:
