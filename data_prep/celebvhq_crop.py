@@ -48,6 +48,7 @@ from data_prep.manifest import tool_versions
 from marlin_jax import storage
 from marlin_jax.downstream import tasks
 from marlin_jax.faces import FrameCrop, NoFaceError
+from marlin_jax.video import video_fps
 
 INFO_NAME = "celebvhq_info.json"
 DOWNLOADED_DIR = "downloaded"
@@ -93,7 +94,7 @@ def crop_clip(clip: Clip, cropper: process.Cropper, crf: int) -> dict:
             yield crop.frame
 
     try:
-        fps = frame_io.video_fps(str(clip.video))
+        fps = video_fps(str(clip.video))
         decoded = frame_io.iter_video_frames(str(clip.video), threads=process.DECODE_THREADS)
         video = frame_io.encode_mp4(counted(cropper.iter_video(decoded)), fps, crf)
         if not counts["frames_with_face"]:
