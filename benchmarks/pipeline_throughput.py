@@ -34,7 +34,7 @@ import PIL.Image
 from etils import epath
 from skimage import data as skimage_data
 
-from data_prep.atomic import write_json
+from marlin_jax.storage import write_json
 from data_prep.demo_videos import render_video
 from data_prep.manifest import make_manifest
 from data_prep.plan import ShardPlan

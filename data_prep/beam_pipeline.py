@@ -36,7 +36,6 @@ from apache_beam.runners.runner import PipelineResult
 from etils import epath
 
 from data_prep import process
-from data_prep.atomic import DiskFullError, write_json
 from data_prep.builder import BuildConfig, BuildState, default_cropper_factory, write_shard
 from data_prep.plan import ShardPlan, plan_shards
 from data_prep.sources import Source, plan_sources
@@ -69,7 +68,7 @@ def build_with_beam(config: BuildConfig, runner: str, pipeline_args: list[str],
     state = BuildState(config, plan_shards(sources, config.shard_size), skipped)
     try:
         state.resume()
-    except DiskFullError as error:
+    except storage.DiskFullError as error:
         raise state.disk_full(error) from error
     tasks = _tasks(state)
     if not tasks:  # everything was finished, or assembled just now from finished sources
@@ -142,7 +141,7 @@ def _write_plan(state: BuildState) -> str:
                      for shard in state.shards if shard.file in state.done_shards}}
     state.work.mkdir(parents=True, exist_ok=True)
     path = state.work / _PLAN_NAME
-    write_json(path, plan)
+    storage.write_json(path, plan)
     return str(path)
 
 

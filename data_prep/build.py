@@ -17,7 +17,6 @@ import functools
 
 from absl import flags, logging
 
-from data_prep.atomic import DiskFullError
 from data_prep.builder import BuildConfig, build_dataset
 from data_prep.manifest import manifest_summary
 from data_prep.sources import LAYOUTS
@@ -81,11 +80,10 @@ def main(argv: list[str]) -> None:
     storage.check_paths(inputs={"--input": config.input_dir, "--split_csv_dir": config.split_csv_dir},
                         buckets={"--output": config.output_dir})
     logging.set_verbosity(logging.INFO)
-    try:
-        manifest = build_dataset(config) if _RUNNER.value is None else _build_with_beam(config, _RUNNER.value,
-                                                                                         pipeline_args)
-    except DiskFullError as error:  # its message names the file, the space needed and what to do
-        raise ValueError(error.strerror) from error
+    # A full disk is a storage.DiskFullError whose message names the file, the space needed and what to do:
+    # launch.run prints it as one line.
+    manifest = build_dataset(config) if _RUNNER.value is None else _build_with_beam(config, _RUNNER.value,
+                                                                                     pipeline_args)
     print(manifest_summary(manifest, config.output_dir))
 
 

@@ -2,7 +2,7 @@
 
 Work happens per source (`data_prep.process`): each finished source leaves a part file and a status file
 under `<output>/_work/`. When all sources of a planned shard are finished, their parts are concatenated (in
-plan order) into the shard, which appears whole or not at all (`data_prep.atomic.atomic_file`: renamed into
+plan order) into the shard, which appears whole or not at all (`marlin_jax.storage.write_once`: renamed into
 place on a local disk, an upload finalised at the end in a bucket), the manifest is rewritten the same way,
 and only then are the parts deleted. A rerun therefore skips finished shards (manifest) and finished sources
 (status files), and redoes at most the sources that were in flight; shard files that exist but are not
@@ -30,8 +30,6 @@ from etils import epath
 from tqdm import tqdm
 
 from data_prep import process
-from data_prep.atomic import (DiskFullError, atomic_file, disk_full_error, format_size, remove_temporaries,
-                              write_json)
 from data_prep.manifest import make_manifest, tool_versions
 from data_prep.plan import ShardPlan, part_name, plan_fingerprint, plan_shards
 from data_prep.sources import Source, plan_sources
@@ -76,7 +74,7 @@ def build_dataset(config: BuildConfig, cropper_factory: Callable[[], process.Cro
     build = BuildState(config, plan_shards(sources, config.shard_size), skipped)
     try:
         return _process_and_assemble(build, config, cropper_factory)
-    except DiskFullError as error:
+    except storage.DiskFullError as error:
         raise build.disk_full(error) from error
 
 
@@ -161,7 +159,7 @@ class BuildState:
     def resume(self) -> None:
         """Loads what an earlier run finished, writes the manifest, and assembles any complete shard."""
         self.output.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(self.output)  # a killed run's half-written files only take space
+        storage.remove_temporaries(self.output)  # a killed run's half-written files only take space
         if (self.output / MANIFEST_NAME).is_file():
             self._adopt_manifest(load_manifest(self.output))
         finished = self._status_files()
@@ -224,26 +222,26 @@ class BuildState:
                                  skipped=self.skipped, settings=self.config.content_settings(),
                                  input_dir=_absolute(self.config.input_dir),
                                  fingerprint=self.fingerprint, versions=self.versions)
-        write_json(self.output / MANIFEST_NAME, manifest)
+        storage.write_json(self.output / MANIFEST_NAME, manifest)
         return manifest
 
-    def disk_full(self, error: DiskFullError) -> DiskFullError:
+    def disk_full(self, error: storage.DiskFullError) -> storage.DiskFullError:
         """`error`, with what the rest of the build needs and how to finish it."""
-        remove_temporaries(self.output)  # worker processes stopped mid-write leave theirs
+        storage.remove_temporaries(self.output)  # worker processes stopped mid-write leave theirs
         pending = len(self.pending_sources())
         finished_bytes, finished_sources = self._finished_output()
         if finished_sources:
             per_source = finished_bytes / finished_sources
             needed = per_source * (pending + self.config.shard_size)
             free = shutil.disk_usage(self.output).free
-            estimate = (f"the {pending} sources left need about {format_size(needed)} more (at the "
-                        f"{format_size(per_source)} per source written so far, plus room to assemble a shard) "
-                        f"and {format_size(free)} is free")
+            size = storage.format_size
+            estimate = (f"the {pending} sources left need about {size(needed)} more (at the {size(per_source)} per "
+                        f"source written so far, plus room to assemble a shard) and {size(free)} is free")
         else:
             estimate = f"no source has finished yet, so what the {pending} sources need is not known"
-        return DiskFullError(error.errno, f"{error.strerror}. In {self.output}, {estimate}. Finished shards "
-                                          f"({len(self.done_shards)} of {len(self.shards)}) and sources are kept: "
-                                          "free space and rerun the same command to finish the build.")
+        return storage.DiskFullError(error.errno, (
+            f"{error.strerror}. In {self.output}, {estimate}. Finished shards ({len(self.done_shards)} of "
+            f"{len(self.shards)}) and sources are kept: free space and rerun the same command to finish the build."))
 
     def _finished_output(self) -> tuple[int, int]:
         """Bytes written for the finished sources (in done shards and in part files), and their count."""
@@ -269,8 +267,8 @@ def write_shard(path: epath.Path, parts: list[epath.Path]) -> None:
     if not storage.is_remote(path):
         size = sum(part.stat().length for part in parts)
         if shutil.disk_usage(path.parent).free < size:
-            raise disk_full_error(path, f"assembling it needs {format_size(size)}")
-    with atomic_file(path) as out:
+            raise storage.disk_full_error(path, f"assembling it needs {storage.format_size(size)}")
+    with storage.write_once(path) as out:
         for part in parts:
             with part.open("rb") as data:
                 shutil.copyfileobj(data, out, _COPY_CHUNK_BYTES)

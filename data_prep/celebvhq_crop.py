@@ -42,7 +42,6 @@ from tqdm import tqdm
 
 from data_prep import frames as frame_io
 from data_prep import process
-from data_prep.atomic import DiskFullError, atomic_file, remove_temporaries, write_json
 from data_prep.builder import default_cropper_factory, run_in_workers
 from data_prep.manifest import tool_versions
 from marlin_jax import storage
@@ -99,14 +98,14 @@ def crop_clip(clip: Clip, cropper: process.Cropper, crf: int) -> dict:
         video = frame_io.encode_mp4(counted(cropper.iter_video(decoded)), fps, crf)
         if not counts["frames_with_face"]:
             raise NoFaceError(f"no face found in any of the {counts['num_frames']} frames")
-        with atomic_file(clip.cropped) as file:
+        with storage.write_once(clip.cropped) as file:
             file.write(video)
         status = {"status": "ok", **counts}
     except process.SOURCE_ERRORS as error:
         status = {"status": "failed", "reason": f"{type(error).__name__}: {error}", **counts}
     status = {"clip_id": clip.clip_id, **status, "source_bytes": source.length, "source_mtime": source.mtime,
               "seconds": round(time.perf_counter() - start, 3)}
-    write_json(clip.status_file, status)
+    storage.write_json(clip.status_file, status)
     return status
 
 
@@ -145,7 +144,7 @@ class CropRun:
         self.cropped.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         for folder in (self.cropped, self.work):
-            remove_temporaries(folder)  # a killed run's half-written files only take space
+            storage.remove_temporaries(folder)  # a killed run's half-written files only take space
         report_path = self.root / REPORT_NAME
         earlier = {}
         if report_path.is_file():
@@ -177,7 +176,7 @@ class CropRun:
         complete = not self.pending()
         splits = self._write_splits() if complete else None
         report = self._report(complete, splits)
-        write_json(self.root / REPORT_NAME, report)
+        storage.write_json(self.root / REPORT_NAME, report)
         if complete and self.work.exists():
             self.work.rmtree()
         return report
@@ -200,7 +199,7 @@ class CropRun:
         split_ids = tasks.derive_split(ok)
         for split, clip_ids in split_ids.items():
             text = "".join(f"{clip_id}\n" for clip_id in clip_ids).encode()
-            with atomic_file(paths[split]) as file:
+            with storage.write_once(paths[split]) as file:
                 file.write(text)
             self.split_sha256[split] = _sha256(text)
         empty = [split for split, clip_ids in split_ids.items() if not clip_ids]

@@ -2,7 +2,8 @@
 
 Videos are decoded by `marlin_jax.video` and encoded here, both with PyAV (FFmpeg), decoding on `threads`
 threads; YouTube Faces folders are read image by image in natural order (`1.10.jpg` after `1.9.jpg`; the
-official loader sorts names as strings). Both may sit in a bucket (`etils.epath`; a remote video is read through a file object).
+official loader sorts names as strings). Both may sit in a bucket (`etils.epath`; a remote video is read through
+a file object).
 """
 
 import fractions

@@ -22,8 +22,8 @@ import numpy as np
 from etils import epath
 
 from data_prep import frames as frame_io
-from data_prep.atomic import atomic_file, write_json
 from data_prep.sources import Source
+from marlin_jax import storage
 from marlin_jax.data import codecs
 from marlin_jax.data.schema import ClipRecord, serialize_clip
 from marlin_jax.data.tfrecord import RecordWriter
@@ -67,7 +67,7 @@ def process_source(source: Source, part_path: epath.Path, cropper: Cropper, sett
     counts = {"num_frames": 0, "num_records": 0, "stored_frames": 0, "frames_with_face": 0,
               "segments_without_face": 0}
     try:
-        with atomic_file(part_path) as file, RecordWriter(file) as writer:
+        with storage.write_once(part_path) as file, RecordWriter(file) as writer:
             _write_segments(source, cropper, settings, writer, counts)
             if counts["num_records"] == 0:
                 raise NoFaceError("no face found in any frame")
@@ -77,7 +77,7 @@ def process_source(source: Source, part_path: epath.Path, cropper: Cropper, sett
         status = {"status": "failed", "reason": f"{type(error).__name__}: {error}", **counts}
     status = {"source_id": source.source_id, "split": source.split, **status,
               "seconds": round(time.perf_counter() - start, 3)}
-    write_json(status_path(part_path), status)
+    storage.write_json(status_path(part_path), status)
     return status
 
 

@@ -147,4 +147,5 @@ def official_architecture(name: str) -> MarlinArchitecture:
     except KeyError:
         raise ValueError(
             f"unknown MARLIN model name {name!r}; official names are {', '.join(OFFICIAL_ARCHITECTURES)}, "
-            "or a pretraining config such as marlin_vit_base[:variant] or configs/pretrain/marlin_vit_base.py") from None
+            "or a pretraining config such as marlin_vit_base[:variant] or configs/pretrain/marlin_vit_base.py"
+        ) from None

@@ -50,8 +50,9 @@ def resolve_config_path(spec: str, kind: str | None = None) -> str:
     if matches:
         raise ValueError(f"config name {name!r} is ambiguous: write one of "
                          f"{', '.join(f'{m.parent.name}/{stem}' for m in matches)}")
+    scope = None if slash else kind
     raise ValueError(f"{name!r} is neither a config file nor a config name; known names"
-                     f"{f' for {kind}' if kind and not slash else ''}: {', '.join(short_names(kind if not slash else None))}")
+                     f"{f' for {kind}' if scope else ''}: {', '.join(short_names(scope))}")
 
 
 def load_config(spec: str, kind: str | None = None) -> ml_collections.ConfigDict:

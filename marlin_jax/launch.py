@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from marlin_jax import config_files
+from marlin_jax import config_files, storage
 
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU VMs).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (non-TPU multi-process).")
@@ -113,13 +113,13 @@ def parse_flags(argv: list[str], *, known_only: bool = False) -> list[str]:
 
 def run(main, flags_parser=parse_flags) -> None:
     """`app.run(main)`, with bad input (a ValueError or a missing optional package, whose messages say what is
-    wrong and what to do) reported as one line and exit status 2, and a run stopped by a NaN/Inf as one line and
-    exit status 1, instead of a traceback."""
+    wrong and what to do) and a full disk reported as one line and exit status 2, and a run stopped by a NaN/Inf
+    as one line and exit status 1, instead of a traceback."""
 
     def guarded(argv):
         try:
             return main(argv)
-        except (ValueError, ImportError, app.UsageError) as error:
+        except (ValueError, ImportError, app.UsageError, storage.DiskFullError) as error:
             fail(str(error))
         except FloatingPointError as error:
             print(f"stopped: {error}", file=sys.stderr)

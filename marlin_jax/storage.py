@@ -11,7 +11,11 @@
 - `write_once(path)`: a binary file that appears under `path` whole or not at all. Object stores have no
   rename, but an upload becomes visible only when it is finalised, so a remote file is uploaded straight
   under its final name and finalised only when the block ends without an error; a local one is written
-  beside it and renamed.
+  beside it (`atomic_path`) and renamed. `write_json`, `write_bytes_once` build on it, and
+  `remove_temporaries(folder)` deletes what killed local writers left.
+- A full local filesystem (or quota) raises `DiskFullError` (an OSError; entry points print it as one line)
+  naming the file and the free space, with the temporary deleted, so a failed write leaves no
+  partial file and frees what it took.
 
 Transient store errors are retried below this module: gcsfs retries every request that fails with 408, 429,
 500-504 or a dropped connection (6 tries, about 30 s of exponential backoff) and tensorstore (orbax's array
@@ -21,9 +25,13 @@ store) retries its own. A bucket that does not exist (404) or refuses access (40
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import os
+import pathlib
 import posixpath
+import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
@@ -36,10 +44,38 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 
 CHECK_TIMEOUT_S = 20.0
 TEMP_SUFFIX = ".tmp"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class StorageError(ValueError):
     """A path that cannot be used: its bucket is missing, access is refused, or the store does not answer."""
+
+
+class DiskFullError(OSError):
+    """No space or quota left where something is written; the message says where and what to do. Not a ValueError,
+    which per-item handlers record and skip (a bad video): a full disk must stop the job. The entry points report it
+    as one line (launch.run)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def format_size(size: float) -> str:
+    """Bytes as a person reads them: 812 B, 40.1 kB, 3.25 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 999.5:  # what .3g would write as 1e+03
+            return f"{size:.3g} {unit}"
+        size /= 1000
+    return f"{size:,.1f} TB"
+
+
+def disk_full_error(path, message: str) -> DiskFullError:
+    """A `DiskFullError` about writing the local `path`, with the free space of its filesystem."""
+    existing = epath.Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    return DiskFullError(errno.ENOSPC, f"no space left for {path} ({format_size(free)} free there): {message}")
 
 
 def is_remote(path) -> bool:
@@ -189,7 +225,7 @@ def write_once(path) -> Iterator[BinaryIO]:
     """
     path = epath.Path(path)
     if not is_remote(path):
-        with _write_beside_and_rename(path) as file:
+        with atomic_path(path) as temp, temp.open("wb") as file:
             yield file
         return
     file = path.open("wb")
@@ -202,12 +238,22 @@ def write_once(path) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def _write_beside_and_rename(path: epath.Path) -> Iterator[BinaryIO]:
+def atomic_path(path) -> Iterator[epath.Path]:
+    """A local temporary path to write (for writers that take a file name); renamed to `path` when the block ends
+    without an error (`os.replace` within one filesystem is atomic), deleted otherwise. A full filesystem raises
+    DiskFullError naming `path`."""
+    path = epath.Path(path)
     temp = path.with_name(path.name + TEMP_SUFFIX)
     try:
-        with temp.open("wb") as file:
-            yield file
-        temp.replace(path)  # atomic within one filesystem
+        yield temp
+        temp.replace(path)
+    except OSError as error:
+        written = temp.stat().length if temp.exists() else 0
+        temp.unlink(missing_ok=True)
+        if error.errno in DISK_FULL_ERRNOS:
+            got = f"more than the {format_size(written)} written" if written else "space"
+            raise disk_full_error(path, f"it needs {got} before the filesystem filled up") from error
+        raise
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -228,3 +274,17 @@ def _abandon(file) -> None:
 def write_bytes_once(path, data: bytes) -> None:
     with write_once(path) as file:
         file.write(data)
+
+
+def write_json(path, value) -> None:
+    """`value` as indented JSON, written once (see write_once)."""
+    write_bytes_once(path, (json.dumps(value, indent=1) + "\n").encode())
+
+
+def remove_temporaries(folder) -> None:
+    """Deletes the temporaries that crashed or killed writers left anywhere under a local `folder` (a bucket
+    holds none: an unfinished upload is never visible)."""
+    if is_remote(folder):
+        return
+    for temp in pathlib.Path(folder).rglob(f"*{TEMP_SUFFIX}"):  # local: epath's rglob refuses '**'
+        temp.unlink(missing_ok=True)

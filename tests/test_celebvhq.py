@@ -29,7 +29,8 @@ from marlin_jax.interop.official_weights import CACHE_VARIABLE, URL_VARIABLE
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = {"sample_video05": "video05.mp4", "sample_cropped04": "cropped04.mp4", "sample_cropped05": "cropped05.mp4"}
 NUM_DEMO_VIDEOS = 8
-UNCROPPABLE = {"broken": "VideoDecodeError: cannot open", "faceless": "NoFaceError: no face found in any of the 20 frames"}
+UNCROPPABLE = {"broken": "VideoDecodeError: cannot open",
+               "faceless": "NoFaceError: no face found in any of the 20 frames"}
 UNLABELLED = {"no_entry": "no entry in celebvhq_info.json",
               "short_action": "['attributes']['action'] must be a list of 35 labels"}
 
@@ -146,7 +147,8 @@ def test_bad_roots_say_what_is_missing(tmp_path):
     (tmp_path / "downloaded").mkdir()
     done = subprocess.run([sys.executable, "-m", "data_prep.celebvhq", "--root", str(tmp_path)], capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.startswith("error: ") and "CelebV-HQ label file not found" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("error: ")
+    assert "CelebV-HQ label file not found" in done.stderr
     (tmp_path / "celebvhq_info.json").write_text(json.dumps({"clips": {}}))
     with pytest.raises(ValueError, match="downloaded holds no .mp4 videos"):
         celebvhq_crop.crop_celebvhq(celebvhq_crop.CropConfig(root=str(tmp_path)))

@@ -171,7 +171,8 @@ def test_real_build_manifest_records_successes_and_failures(real_build):
         "wild/video05.mp4": "ok", "cropped04.mp4": "ok", "cropped05.mp4": "ok",
         "corrupt.mp4": "failed", "faceless.mp4": "failed"}
     reasons = {f["source_id"]: f["reason"] for f in manifest["failures"]}
-    assert reasons["corrupt.mp4"].startswith("VideoDecodeError: cannot open") and "Invalid data" in reasons["corrupt.mp4"]
+    assert reasons["corrupt.mp4"].startswith("VideoDecodeError: cannot open")
+    assert "Invalid data" in reasons["corrupt.mp4"]
     assert reasons["faceless.mp4"].startswith("NoFaceError")
     assert sources["wild/video05.mp4"]["num_records"] == 3  # 90 frames at segment_frames=32: 32 + 32 + 26
     assert manifest["splits"]["train"]["frames"] == 90 + 15 + 27

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from skimage import data as skimage_data
 
-from data_prep.atomic import DiskFullError, atomic_path
+from marlin_jax.storage import DiskFullError, atomic_path
 from data_prep.builder import BuildConfig, build_dataset
 from data_prep.demo_videos import render_video, write_mp4
 from marlin_jax.data.shards import load_manifest
@@ -178,7 +178,7 @@ def test_full_disk_while_checkpointing_stops_clearly_and_a_rerun_finishes(traini
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, failed.stderr[-3000:]
     message = errors[0]
-    assert message.startswith(f"error: [Errno 28] no space left to write a checkpoint in {workdir / 'checkpoints'} (")
+    assert message.startswith(f"error: no space left to write a checkpoint in {workdir / 'checkpoints'} (")
     assert "B free there): one takes about" in message
     assert f"{', '.join(map(str, finished))}) are intact" in message and "rerun the same command" in message
     assert sorted(ocp.path.step.checkpoint_steps(workdir / "checkpoints")) == finished

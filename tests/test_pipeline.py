@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_prep.atomic import write_json
+from marlin_jax.storage import write_json
 from data_prep.manifest import make_manifest
 from data_prep.plan import ShardPlan
 from data_prep.sources import Source

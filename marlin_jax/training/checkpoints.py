@@ -38,7 +38,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from tqdm import tqdm
 
 from marlin_jax import storage
 from marlin_jax.architectures import MarlinArchitecture
@@ -82,9 +81,8 @@ def wait_for_saves(manager: ocp.CheckpointManager, state_like: Any) -> None:
         manager.wait_until_finished()
 
 
-class CheckpointDiskFullError(OSError, ValueError):
-    """No space or quota left where checkpoints are written. A ValueError too, so that the entry points report it
-    as one line (see launch.run)."""
+class CheckpointDiskFullError(storage.DiskFullError):
+    """No space or quota left where checkpoints are written."""
 
 
 def _nbytes(tree: Any) -> int:
@@ -106,10 +104,6 @@ def _is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
-def _format_size(size: int) -> str:
-    return tqdm.format_sizeof(size, "B", 1000)
-
-
 @contextlib.contextmanager
 def _explain_disk_full(directory, checkpoint_bytes: int):
     try:
@@ -118,13 +112,15 @@ def _explain_disk_full(directory, checkpoint_bytes: int):
         if not _is_disk_full(error):
             raise
         directory = epath.Path(directory)
-        free = "" if "://" in str(directory) else f" ({_format_size(shutil.disk_usage(directory).free)} free there)"
+        free = ("" if storage.is_remote(directory)
+                else f" ({storage.format_size(shutil.disk_usage(directory).free)} free there)")
         finished = sorted(ocp.path.step.checkpoint_steps(directory))
         kept = (f"The finished checkpoints there (step{'s' * (len(finished) > 1)} {', '.join(map(str, finished))}) "
                 "are intact" if finished else "No checkpoint there was finished")
         raise CheckpointDiskFullError(errno.ENOSPC, (
             f"no space left to write a checkpoint in {directory}{free}: one takes about "
-            f"{_format_size(checkpoint_bytes)}, and a new one is written before the oldest kept one is removed. "
+            f"{storage.format_size(checkpoint_bytes)}, and a new one is written before the oldest kept one is "
+            "removed. "
             f"{kept}: free space (or keep fewer with --config.keep_checkpoints) and rerun the same command; it "
             f"resumes from the newest intact checkpoint")) from error
 
