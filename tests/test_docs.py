@@ -122,3 +122,24 @@ def test_commands_are_found():
     """The parser above sees continued lines and chained commands."""
     assert ("README.md", "marlin_jax.train", ["--config", "marlin_vit_small:demo", "--workdir", "runs/demo_run",
                                               "--config.data.path=runs/demo/shards"]) in shown_commands()
+
+
+def test_the_pytorch_snippet_runs_as_written(tmp_path, torch, marlin_pytorch):
+    """docs/training.md's snippet, run in a fresh interpreter (no stand-in from the test fixtures) on files that
+    `Marlin.to_pytorch` writes where the snippet looks for them."""
+    import flax.linen as nn
+    import jax
+
+    from marlin_jax import Marlin
+    from marlin_jax.marlin import resolve_architecture
+    from marlin_jax.model import init_params
+
+    text = (REPO_ROOT / "docs" / "training.md").read_text()
+    snippet = text.split("<!-- the snippet below is run by tests/test_docs.py -->\n```python\n", 1)[1].split("```")[0]
+    architecture = resolve_architecture("marlin_vit_small:demo")
+    generator, _ = init_params(jax.random.key(0), architecture)
+    Marlin(architecture, nn.meta.unbox(generator)).to_pytorch(tmp_path / "runs/demo_run/exported/marlin_vit_small_demo_step800")
+    done = subprocess.run([sys.executable, "-c", snippet + "\nprint(type(model).__name__)"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "Marlin"
