@@ -53,23 +53,30 @@ def test_every_relative_link_resolves(page):
 
 
 def shown_commands() -> list[tuple[str, str, list[str]]]:
-    """(page, module, arguments) of every `python -m <entry point>` in the pages' shell blocks."""
+    """(page, module, arguments) of every `python -m <entry point>` the pages show: in shell blocks (continued lines
+    joined, chained commands split) and in inline code."""
     found = []
     for page in PAGES:
-        for block in _FENCE.findall(page.read_text()):
-            for line in block.replace("\\\n", " ").splitlines():
-                for command in re.split(r"&&|;|\|", line.split(" #")[0]):
-                    # Quotes around a pod's --command "...": dropped, so the command inside reads as typed.
-                    words = shlex.split(command.replace('"', ""), posix=True) if "python -m" in command else []
-                    if words[:2] == ["python", "-m"] and words[2].startswith(ENTRY_POINTS):
-                        found.append((page.name, words[2], words[3:]))
+        text = page.read_text()
+        lines = [line for block in _FENCE.findall(text) for line in block.replace("\\\n", " ").splitlines()]
+        lines += re.findall(r"`(python -m [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for line in lines:
+            for command in re.split(r"&&|;|\|", line.split(" #")[0]):
+                if "python -m" not in command:
+                    continue
+                # Quotes around a pod's --command "...": dropped, so the command inside reads as typed.
+                words = shlex.split(command.replace('"', ""), posix=True)
+                words = words[words.index("python"):] if "python" in words else []
+                if words[:2] == ["python", "-m"] and words[2].startswith(ENTRY_POINTS):
+                    found.append((page.name, words[2], words[3:]))
     return found
 
 
 @functools.cache
 def help_flags(module: str) -> frozenset[str]:
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"{module} --help failed: {done.stderr[-2000:]}"
+    # absl ends --help with exit status 1.
+    assert done.returncode in (0, 1) and "flags:" in done.stdout, f"{module} --help failed: {done.stderr[-2000:]}"
     return frozenset(re.findall(r"^\s+--(?:\[no\])?(\w+)", done.stdout, flags=re.M))
 
 
