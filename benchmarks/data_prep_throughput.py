@@ -35,7 +35,8 @@ from pathlib import Path
 import cv2
 
 from data_prep import frames as frame_io
-from data_prep.builder import BuildConfig, build_dataset
+from data_prep.build_state import BuildConfig
+from data_prep.local_build import build_dataset
 from data_prep.demo_videos import synthesize_videos
 from marlin_jax.data import codecs
 from marlin_jax.faces import FaceCropper

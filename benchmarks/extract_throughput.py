@@ -13,7 +13,7 @@ paired speedups are printed too. MFU (benchmarks/mfu.py) divides each framework'
 the architecture; XLA's count beside it) by that framework's own matmul probe; "mfu_by_cpu_time" does the same
 per second of the process's CPU time, which other load on a shared machine hardly moves.
 
-End to end (`--videos`, default ../shared/data/marlin_samples): `marlin_jax.extraction.extract_videos` on
+End to end (`--videos`, default ../shared/data/marlin_samples): `marlin_jax.video_features.extract_videos` on
 every video there, as `python -m marlin_jax.extract` runs it: decode, (with --crop-face) MediaPipe face crop,
 encode. Reported in clips/s beside the encoder-only rate at the same batch size, with the share of the time
 the encoder accounts for. Prints one JSON object.
@@ -38,7 +38,7 @@ import torch
 
 from marlin_jax import Marlin
 from marlin_jax.architectures import VIT_BASE, VIT_SMALL, MarlinArchitecture
-from marlin_jax.extraction import ExtractionOptions, extract_videos
+from marlin_jax.video_features import ExtractionOptions, extract_videos
 from marlin_jax.model import encode_clips
 from marlin_jax.video import VIDEO_SUFFIXES
 

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from data_prep.builder import BuildConfig, build_dataset
+from data_prep.build_state import BuildConfig
+from data_prep.local_build import build_dataset
 from data_prep.demo_videos import synthesize_videos
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))

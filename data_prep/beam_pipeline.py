@@ -1,7 +1,7 @@
 """The shard build as an Apache Beam pipeline: `python -m data_prep.build --runner=...` (the `[beam]` extra).
 
-The sources, the shard plan, the per-source code, the shards and the manifest are the local builder's
-(`data_prep.builder`), so a source gives the same records either way. What changes is who runs the sources:
+The sources, the shard plan, the per-source code, the shards and the manifest are the local build's
+(`data_prep.build_state`), so a source gives the same records either way. What changes is who runs the sources:
 any Beam runner, from DirectRunner's processes on one machine to Dataflow, Flink or Spark workers.
 
 The launcher (the machine that runs the command) plans the build and adopts what an earlier run finished, as a
@@ -11,7 +11,7 @@ pipeline then
 1. reads the task files and spreads the tasks over the workers;
 2. runs `process.process_source` on each source with a face cropper that each DoFn instance loads once, in
    `setup`; the part file and the status land in `_work/`, as in a local build;
-3. groups the statuses by shard and concatenates each shard's parts in plan order (`builder.write_shard`);
+3. groups the statuses by shard and concatenates each shard's parts in plan order (`build_state.write_shard`);
 4. writes manifest.json from all statuses through `BuildState`, as a local build does, and removes `_work/`.
 
 A source that cannot be decoded or shows no face gets a `failed` status with the reason (process_source
@@ -36,7 +36,8 @@ from apache_beam.runners.runner import PipelineResult
 from etils import epath
 
 from data_prep import process
-from data_prep.builder import BuildConfig, BuildState, default_cropper_factory, write_shard
+from data_prep.build_state import BuildConfig, BuildState, write_shard
+from data_prep.local_build import default_cropper_factory
 from data_prep.plan import ShardPlan, plan_shards
 from data_prep.sources import Source, plan_sources
 from marlin_jax import storage
@@ -192,7 +193,7 @@ class _ProcessSource(beam.DoFn):
 
     def setup(self) -> None:
         # One source at a time per instance, one thread each: OpenCV's and FFmpeg's pools would only compete
-        # with the runner's other workers (see builder._init_worker and process.DECODE_THREADS).
+        # with the runner's other workers (see local_build._init_worker and process.DECODE_THREADS).
         cv2.setNumThreads(1)
         self._cropper = self._cropper_factory()
         self._load_counted = False  # a counter updated in setup is not reported: counted with the first source
@@ -230,7 +231,7 @@ class _AssembleShard(beam.DoFn):
 
 
 class _WriteManifest(beam.DoFn):
-    """Every assembled shard -> manifest.json, written by the local builder's `BuildState`; `_work/` removed."""
+    """Every assembled shard -> manifest.json, written by the local build's `BuildState`; `_work/` removed."""
 
     def __init__(self, config: BuildConfig, plan_file: str):
         self._config = config

@@ -9,7 +9,7 @@
     python -m data_prep.build --runner=DataflowRunner --project=P --region=us-central1 \
         --temp_location=gs://B/tmp --input gs://B/videos --output gs://B/shards
 
-Rerunning the same command resumes an interrupted build. See `data_prep.builder` for how, and
+Rerunning the same command resumes an interrupted build. See `data_prep.build_state` for how, `data_prep.local_build` for the local run, and
 `data_prep.beam_pipeline` for the pipeline.
 """
 
@@ -17,7 +17,8 @@ import functools
 
 from absl import flags, logging
 
-from data_prep.builder import BuildConfig, build_dataset
+from data_prep.build_state import BuildConfig
+from data_prep.local_build import build_dataset
 from data_prep.manifest import manifest_summary
 from data_prep.sources import LAYOUTS
 from marlin_jax import launch, storage

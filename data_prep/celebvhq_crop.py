@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from data_prep import frames as frame_io
 from data_prep import process
-from data_prep.builder import default_cropper_factory, run_in_workers
+from data_prep.local_build import default_cropper_factory, run_in_workers
 from data_prep.manifest import tool_versions
 from marlin_jax import storage
 from marlin_jax.downstream import tasks

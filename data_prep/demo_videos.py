@@ -2,7 +2,7 @@
 
 The videos are camera moves over the public-domain portrait `skimage.data.astronaut()`: each pans, zooms and
 rolls a little while the lighting drifts, from its own seed. They are written as H.264 mp4 files with PyAV
-(`data_prep.frames.encode_mp4`) and then built by the same `data_prep.builder.build_dataset` as real data.
+(`data_prep.frames.encode_mp4`) and then built by the same `data_prep.local_build.build_dataset` as real data.
 """
 
 from pathlib import Path
@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 from skimage import data as skimage_data
 
-from data_prep.builder import BuildConfig, build_dataset
+from data_prep.build_state import BuildConfig
+from data_prep.local_build import build_dataset
 from data_prep.frames import encode_mp4
 from marlin_jax.config_builders import DEMO_IMAGE_SIZE
 

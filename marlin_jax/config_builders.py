@@ -144,7 +144,7 @@ def pretrain_config(architecture: MarlinArchitecture, model_name: str, variant: 
     config.remat = True
 
     add_run_cadence(config, log_every=50, checkpoint_every=1000, keep_checkpoints=3)
-    # Evaluators (marlin_jax/training/evaluators.py). `val`: the official objective on the val split, as the
+    # Evaluators (marlin_jax/training/evaluator_protocol.py). `val`: the official objective on the val split, as the
     # official trainer logs val_loss each epoch; `probe`: a linear probe on a labelled CSV of face videos,
     # off until `csv` is set.
     config.evals = ml_collections.ConfigDict()

@@ -25,7 +25,7 @@ import sys
 from absl import flags
 
 from marlin_jax import launch, storage
-from marlin_jax.extraction import REDUCTIONS
+from marlin_jax.video_features import REDUCTIONS
 from marlin_jax.interop import official_weights
 
 _MODEL = flags.DEFINE_string("model", None, "Official name (marlin_vit_base_ytf, ...) or pretraining config (file "
@@ -64,7 +64,7 @@ def main(argv) -> None:
     from etils import epath
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from marlin_jax.extraction import ExtractionOptions, extract_to_directory
+    from marlin_jax.video_features import ExtractionOptions, extract_to_directory
     from marlin_jax.marlin import Marlin
     options = ExtractionOptions(crop_face=_CROP_FACE.value, keep_seq=_KEEP_SEQ.value, sample_rate=_SAMPLE_RATE.value,
                                 stride=_STRIDE.value, reduction=_REDUCTION.value, batch_size=_BATCH_SIZE.value)

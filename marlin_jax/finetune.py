@@ -5,7 +5,7 @@
         --workdir runs/finetune/celebvhq_appearance
 
 Rerunning the same command resumes from the newest checkpoint in --workdir. Writes `<workdir>/results.json`;
-see `marlin_jax.downstream.finetune.finetune_and_evaluate`. Multi-host flags as for `marlin_jax.train`.
+see `marlin_jax.downstream.classifier_trainer.finetune_and_evaluate`. Multi-host flags as for `marlin_jax.train`.
 """
 
 from absl import flags, logging
@@ -31,7 +31,7 @@ def main(argv):
     import jax
     from etils import epath
 
-    from marlin_jax.downstream.finetune import finetune_and_evaluate
+    from marlin_jax.downstream.classifier_trainer import finetune_and_evaluate
     from marlin_jax.downstream.metrics import summary_metrics
     results = finetune_and_evaluate(config, _WORKDIR.value)
     if results is None:

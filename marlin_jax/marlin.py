@@ -20,7 +20,7 @@ from etils import epath
 
 from marlin_jax.architectures import OFFICIAL_ARCHITECTURES, MarlinArchitecture, official_architecture
 from marlin_jax.config_files import load_config
-from marlin_jax.extraction import FeatureExtractor, extract_video_features
+from marlin_jax.video_features import FeatureExtractor, extract_video_features
 from marlin_jax.interop import official_weights, torch_files
 from marlin_jax.interop.state_dict import export_state_dict
 from marlin_jax.interop.weights import load_weights, official_file
@@ -169,7 +169,7 @@ class Marlin:
 
     def extract_video(self, video_path, crop_face: bool = False, sample_rate: int = 2, stride: int = 16,
                       reduction: str = "none", keep_seq: bool = False) -> np.ndarray:
-        """marlin_pytorch's extract_video: (clips, D) features of a video file; see marlin_jax.extraction."""
+        """marlin_pytorch's extract_video: (clips, D) features of a video file; see marlin_jax.video_features."""
         return extract_video_features(self, video_path, crop_face=crop_face, keep_seq=keep_seq,
                                       sample_rate=sample_rate, stride=stride, reduction=reduction)
 

@@ -21,7 +21,8 @@ from gcs_emulator import gcs_emulator  # noqa: F401 - the fixture
 pytest.importorskip("apache_beam", reason="the Beam build needs the [beam] extra: pip install -e '.[beam]'")
 
 from data_prep.beam_pipeline import build_with_beam  # noqa: E402
-from data_prep.builder import WORK_DIR, BuildConfig, build_dataset  # noqa: E402
+from data_prep.build_state import WORK_DIR, BuildConfig
+from data_prep.local_build import build_dataset  # noqa: E402
 from data_prep.demo_videos import synthesize_videos, write_mp4  # noqa: E402
 from marlin_jax.data.pipeline import make_pretrain_loader  # noqa: E402
 from marlin_jax.data.tfrecord import read_records  # noqa: E402

@@ -23,7 +23,7 @@ from data_prep.demo_videos import synthesize_videos, write_mp4
 from marlin_jax import Marlin
 from marlin_jax.downstream import tasks
 from marlin_jax.downstream.probe import run_linear_probe
-from marlin_jax.extraction import extract_video_features
+from marlin_jax.video_features import extract_video_features
 from marlin_jax.interop.official_weights import CACHE_VARIABLE, URL_VARIABLE
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

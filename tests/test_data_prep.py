@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from data_prep import frames as frame_io
-from data_prep.builder import BuildConfig, build_dataset
+from data_prep.build_state import BuildConfig
+from data_prep.local_build import build_dataset
 from data_prep.demo_videos import make_demo_dataset, write_mp4
 from data_prep.sources import plan_sources, sorted_group_split
 from marlin_jax import masking

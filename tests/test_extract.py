@@ -16,7 +16,7 @@ import pytest
 
 from marlin_jax import Marlin
 from marlin_jax.architectures import VIT_TINY, MarlinArchitecture
-from marlin_jax.extraction import (
+from marlin_jax.video_features import (
     ExtractionOptions,
     extract_to_directory,
     extract_video_features,

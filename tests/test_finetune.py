@@ -28,7 +28,7 @@ from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.config_files import load_config
 from marlin_jax.downstream import tasks
 from marlin_jax.downstream.clip_loader import Parallelism, eval_batches, make_train_loader
-from marlin_jax.downstream.finetune import build_finetuning, finetune_and_evaluate
+from marlin_jax.downstream.classifier_trainer import build_finetuning, finetune_and_evaluate
 from marlin_jax.marlin import Marlin
 from marlin_jax.model import sincos_table
 from marlin_jax.video import ClipSettings, VideoDecodeError, finetuning_clip, read_finetuning_clip

@@ -16,7 +16,8 @@ import pytest
 from skimage import data as skimage_data
 
 from marlin_jax.storage import DiskFullError, atomic_path
-from data_prep.builder import BuildConfig, build_dataset
+from data_prep.build_state import BuildConfig
+from data_prep.local_build import build_dataset
 from data_prep.demo_videos import render_video, write_mp4
 from marlin_jax.data.shards import load_manifest
 from marlin_jax.training import checkpoints

@@ -32,7 +32,8 @@ from etils import epath
 from gcs_emulator import FaultyProxy, gcs_emulator  # noqa: F401 - the fixture
 from tiny_pretraining import IMAGE_SIZE, LOSSES, REPO_ROOT, read_metrics, run_env
 
-from data_prep.builder import BuildConfig, build_dataset, default_cropper_factory
+from data_prep.build_state import BuildConfig
+from data_prep.local_build import build_dataset, default_cropper_factory
 from data_prep.demo_videos import synthesize_videos
 from marlin_jax import storage
 from marlin_jax.data import shards as shard_dir

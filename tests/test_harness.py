@@ -20,7 +20,7 @@ from data_prep.demo_videos import make_demo_dataset
 from marlin_jax import Marlin
 from marlin_jax.architectures import VIT_SMALL, VIT_TINY, MarlinArchitecture
 from marlin_jax.config_files import load_config
-from marlin_jax.pretraining.evals import LinearProbeEvaluator
+from marlin_jax.pretraining.evaluators import LinearProbeEvaluator
 from marlin_jax.pretraining.step import StepSettings
 from marlin_jax.pretraining.trainer import train_and_evaluate
 from marlin_jax.training import sharding

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from marlin_jax.downstream import features, metrics, probe, tasks
+from marlin_jax.downstream import feature_files, metrics, probe, tasks
 from marlin_jax.downstream.probe import run_linear_probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,23 +155,23 @@ def test_data_ratio_draws_seeded_subsets_of_train_and_val(tmp_path):
     for run in results["per_seed"]:
         assert run["num_examples"] == {"train": 100, "val": 25, "test": 400}
 
-    split = features.FeatureSplit(tuple(f"v{i}" for i in range(40)), np.arange(40, dtype=np.float32)[:, None],
+    split = feature_files.FeatureSplit(tuple(f"v{i}" for i in range(40)), np.arange(40, dtype=np.float32)[:, None],
                                   np.arange(40, dtype=np.int32))
 
     def draw(seed):
-        return features.subsample(split, 0.3, np.random.default_rng(seed)).ids
+        return feature_files.subsample(split, 0.3, np.random.default_rng(seed)).ids
 
     assert len(draw(0)) == 12
     assert draw(0) == draw(0)
     assert draw(0) != draw(1)
-    kept = features.subsample(split, 0.3, np.random.default_rng(0))
+    kept = feature_files.subsample(split, 0.3, np.random.default_rng(0))
     positions = [int(name[1:]) for name in kept.ids]
     assert positions == sorted(positions)
     np.testing.assert_array_equal(kept.features[:, 0], positions)
     np.testing.assert_array_equal(kept.labels, positions)
-    assert features.subsample(split, 1.0, np.random.default_rng(0)) is split
+    assert feature_files.subsample(split, 1.0, np.random.default_rng(0)) is split
     with pytest.raises(ValueError, match="leaves no examples"):
-        features.subsample(split, 0.01, np.random.default_rng(0))
+        feature_files.subsample(split, 0.01, np.random.default_rng(0))
 
 
 def test_same_seed_reproduces_results_exactly(tmp_path):
@@ -185,11 +185,11 @@ def test_same_seed_reproduces_results_exactly(tmp_path):
 @pytest.mark.parametrize("reduction,expected", [("mean", [2.0, 5.0]), ("max", [4.0, 9.0]), ("min", [0.0, 1.0])])
 def test_temporal_reduction(tmp_path, reduction, expected):
     windows = np.array([[0.0, 9.0], [2.0, 1.0], [4.0, 5.0]], np.float32)
-    np.testing.assert_array_equal(features.reduce_windows(windows, reduction), expected)
+    np.testing.assert_array_equal(feature_files.reduce_windows(windows, reduction), expected)
     np.save(tmp_path / "video.npy", windows)
     np.save(tmp_path / "clip.npy", windows[0])
     np.save(tmp_path / "broken.npy", np.zeros((0, 2), np.float32))
-    loaded, num_empty = features.load_features(
+    loaded, num_empty = feature_files.load_features(
         [tmp_path / "video.npy", tmp_path / "clip.npy", tmp_path / "broken.npy"], reduction)
     np.testing.assert_array_equal(loaded, [expected, [0.0, 9.0], [0.0, 0.0]])
     assert num_empty == 1
@@ -283,13 +283,13 @@ def test_bad_feature_files_name_the_file(tmp_path):
     np.save(tmp_path / "ok.npy", np.zeros((2, 4), np.float32))
     np.save(tmp_path / "nan.npy", np.full((2, 4), np.nan, np.float32))
     with pytest.raises(ValueError, match="cube.npy has shape"):
-        features.load_features([tmp_path / "cube.npy"], "mean")
+        feature_files.load_features([tmp_path / "cube.npy"], "mean")
     with pytest.raises(ValueError, match="wide.npy has dimension 5"):
-        features.load_features([tmp_path / "ok.npy", tmp_path / "wide.npy"], "mean")
+        feature_files.load_features([tmp_path / "ok.npy", tmp_path / "wide.npy"], "mean")
     with pytest.raises(ValueError, match="nan.npy contains NaN"):
-        features.load_features([tmp_path / "nan.npy"], "mean")
+        feature_files.load_features([tmp_path / "nan.npy"], "mean")
     with pytest.raises(ValueError, match="temporal_reduction"):
-        features.load_features([tmp_path / "ok.npy"], "median")
+        feature_files.load_features([tmp_path / "ok.npy"], "median")
 
 
 def test_bad_celebvhq_input_names_the_problem(tmp_path):
@@ -328,14 +328,14 @@ def test_bad_config_names_the_field(tmp_path):
         run_linear_probe(config, tmp_path)
 
 
-def separable_toy(num: int, seed: int, dim: int = 32) -> features.FeatureSplit:
+def separable_toy(num: int, seed: int, dim: int = 32) -> feature_files.FeatureSplit:
     """Exactly linearly separable: the label is the sign of a fixed direction, with a margin."""
     rng = np.random.default_rng(seed)
     direction = np.random.default_rng(99).normal(size=dim)
     points = rng.normal(size=(num, dim)).astype(np.float32)
     scores = points @ direction
     keep = np.abs(scores) > 0.5
-    return features.FeatureSplit(tuple(map(str, range(keep.sum()))), points[keep], (scores[keep] > 0).astype(np.int32))
+    return feature_files.FeatureSplit(tuple(map(str, range(keep.sum()))), points[keep], (scores[keep] > 0).astype(np.int32))
 
 
 def test_convex_solver_separates_an_exactly_separable_toy():

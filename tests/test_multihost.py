@@ -176,7 +176,7 @@ def test_extraction_splits_videos_over_processes(demo, tmp_path):
     model = Marlin.from_file(arch, demo["weights"])
     written = sorted(p.name for p in (tmp_path / "two").glob("*.npy"))
     assert written == sorted(f"{v.stem}.npy" for v in videos.glob("*.mp4"))
-    from marlin_jax.extraction import extract_video_features
+    from marlin_jax.video_features import extract_video_features
     for name in written:
         np.testing.assert_allclose(np.load(tmp_path / "two" / name),
                                    extract_video_features(model, videos / name.replace(".npy", ".mp4")),

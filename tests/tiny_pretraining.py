@@ -14,7 +14,8 @@ import sys
 
 from etils import epath
 
-from data_prep.builder import BuildConfig, build_dataset
+from data_prep.build_state import BuildConfig
+from data_prep.local_build import build_dataset
 from data_prep.demo_videos import synthesize_videos
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

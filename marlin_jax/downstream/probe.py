@@ -28,8 +28,8 @@ import optax
 from absl import logging
 from etils import epath
 
-from marlin_jax.downstream import features as feature_files
-from marlin_jax.downstream.features import FeatureSplit
+from marlin_jax.downstream import feature_files
+from marlin_jax.downstream.feature_files import FeatureSplit
 from marlin_jax.downstream.head import LinearHead, head_loss
 from marlin_jax.downstream.metrics import SELECTABLE, selection_metrics
 from marlin_jax.downstream.tasks import TASKS, load_task

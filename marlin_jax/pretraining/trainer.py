@@ -21,7 +21,7 @@ from marlin_jax.data import shards
 from marlin_jax.data.pipeline import make_pretrain_loader
 from marlin_jax.data.record_dataset import check_corrupt_fraction, corrupt_record_counts
 from marlin_jax.interop.weights import load_weights
-from marlin_jax.pretraining.evals import build_pretraining_evaluators
+from marlin_jax.pretraining.evaluators import build_pretraining_evaluators
 from marlin_jax.pretraining.state import TrainState, init_train_state, make_optimizer
 from marlin_jax.pretraining.step import StepSettings, make_train_step
 from marlin_jax.training import checkpoints, loop, sharding

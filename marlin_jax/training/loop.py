@@ -1,6 +1,6 @@
 """The one training loop, for pretraining and fine-tuning alike.
 
-A trainer (pretraining/trainer.py, downstream/finetune.py) hands the loop a `Trainer`: a sharded state, a
+A trainer (pretraining/trainer.py, downstream/classifier_trainer.py) hands the loop a `Trainer`: a sharded state, a
 step, a loader, evaluators and a few cadences. The loop owns what every run needs and nothing model-specific:
 automatic resume from the newest intact checkpoint (parameters, optimiser, step, data-iterator position and
 the best score so far come back, and every key the step draws is `fold_in(base_key, step)`, so a resumed run
@@ -21,7 +21,7 @@ from etils import epath
 from tqdm import tqdm
 
 from marlin_jax.training import checkpoints, reporting, sharding
-from marlin_jax.training.evaluators import Evaluator, is_due
+from marlin_jax.training.evaluator_protocol import Evaluator, is_due
 from marlin_jax.training.run_control import PreemptionWatch, ProfileWindow, announce, check_finite
 
 

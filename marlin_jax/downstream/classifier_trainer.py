@@ -36,7 +36,7 @@ from marlin_jax.downstream.probe import json_ready, make_plateau_adam
 from marlin_jax.downstream.tasks import TASKS, LabelledTask, load_task
 from marlin_jax.interop.weights import load_weights
 from marlin_jax.training import checkpoints, loop, sharding
-from marlin_jax.training.evaluators import Evaluation
+from marlin_jax.training.evaluator_protocol import Evaluation
 from marlin_jax.training.run_control import announce, print_banner
 from marlin_jax.video import ClipSettings
 

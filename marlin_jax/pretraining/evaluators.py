@@ -1,4 +1,4 @@
-"""Evaluators that watch pretraining learn (see marlin_jax/training/evaluators.py for the protocol).
+"""Evaluators that watch pretraining learn (see marlin_jax/training/evaluator_protocol.py for the protocol).
 
 `reconstruction`: the official objective on held-out clips (the data_prep val split, or `path`/`split`): one
 clip per record, sampled with a fixed seed, masked with a fixed key, so successive evaluations compare. It logs
@@ -32,14 +32,14 @@ from marlin_jax.data import shards
 from marlin_jax.data.tfrecord import RecordReader
 from marlin_jax.data.transforms import DecodeClip, SampleClipFrames
 from marlin_jax.downstream.clip_loader import Parallelism, eval_batches, host_rows
-from marlin_jax.downstream.features import FeatureSplit
+from marlin_jax.downstream.feature_files import FeatureSplit
 from marlin_jax.downstream.metrics import probe_metrics
 from marlin_jax.downstream.probe import fit_convex
 from marlin_jax.downstream.tasks import check_files_exist, read_csv_task
 from marlin_jax.model import MarlinEncoder, MarlinMAE, PatchDiscriminator, gather_tokens, patchify, unpatchify
 from marlin_jax.pretraining.step import StepSettings, prepare_batch
 from marlin_jax.training import sharding
-from marlin_jax.training.evaluators import Evaluation, build_evaluators
+from marlin_jax.training.evaluator_protocol import Evaluation, build_evaluators
 from marlin_jax.video import ClipSettings
 
 RECONSTRUCTION_IMAGES = "reconstructions"
