@@ -26,7 +26,7 @@ from marlin_jax.interop.state_dict import export_state_dict
 from marlin_jax.interop.weights import load_weights, official_file
 from marlin_jax.masking import mask_to_indices
 from marlin_jax.model import MarlinMAE, init_params
-from marlin_jax.training import checkpoints
+from marlin_jax.interop import saved_models
 
 
 def resolve_architecture(model: str | MarlinArchitecture) -> MarlinArchitecture:
@@ -135,7 +135,7 @@ class Marlin:
     def from_checkpoint(cls, workdir, step: int | None = None) -> "Marlin":
         """The model of a training workdir's (latest, or `step`) checkpoint, with the architecture it was saved
         with; `<workdir>/best` holds the best one."""
-        saved = checkpoints.restore_params(workdir, step)
+        saved = saved_models.read_saved_model(workdir, step)
         model = cls(saved.architecture, saved.generator, saved.discriminator, saved.model_name)
         model.step = saved.step
         return model

@@ -25,6 +25,7 @@ import pytest
 
 from marlin_jax.data.pipeline import make_pretrain_loader
 from marlin_jax.training import checkpoints
+from marlin_jax.interop import saved_models
 from tiny_pretraining import (
     LOSSES,
     REPO_ROOT,
@@ -102,7 +103,7 @@ def test_resume_falls_back_past_damaged_steps_and_reproduces_the_run(reference, 
     # Retention (keep 2) counted intact steps only; both restore to the uninterrupted run's parameters.
     assert sorted(p.name for p in saved.iterdir()) == ["5", "6"]
     for step in (5, 6):
-        ours, theirs = checkpoints.restore_params(workdir, step), checkpoints.restore_params(reference, step)
+        ours, theirs = saved_models.read_saved_model(workdir, step), saved_models.read_saved_model(reference, step)
         jax.tree_util.tree_map(np.testing.assert_array_equal, ours.generator, theirs.generator)
 
 
@@ -135,7 +136,7 @@ def test_export_takes_the_newest_intact_step(reference, torch, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint step 6 in {workdir / 'checkpoints'} is damaged" in result.stderr
     state = torch.load(tmp_path / "exported" / "marlin_vit_small_tiny_step5.pt", weights_only=True)
-    expected = checkpoints.restore_params(reference, 5).generator["encoder"]["norm"]["scale"]
+    expected = saved_models.read_saved_model(reference, 5).generator["encoder"]["norm"]["scale"]
     np.testing.assert_array_equal(state["encoder.norm.weight"].numpy(), expected)
 
     named = _export(workdir, tmp_path / "named", "--step=6")

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from marlin_jax.training import checkpoints
+from marlin_jax.interop import saved_models
 from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.config_files import load_config
 from marlin_jax.downstream import tasks
@@ -119,8 +119,8 @@ def test_results_and_logs(straight_run):
     arch = MarlinArchitecture.from_dict(results["config"]["model"])
     selected = Marlin.from_file(arch, straight_run / "best")
     latest = Marlin.from_file(arch, straight_run)
-    assert checkpoints.restore_params(straight_run / "best").step == results["selected_step"]
-    assert checkpoints.restore_params(straight_run).step == 24
+    assert saved_models.read_saved_model(straight_run / "best").step == results["selected_step"]
+    assert saved_models.read_saved_model(straight_run).step == 24
     assert selected.extract_features(np.zeros((1, 3, 16, 64, 64)), keep_seq=False).shape == (1, 64)
     assert latest.params["encoder"].keys() == selected.params["encoder"].keys()
     table = latest.params["encoder"]["pos_embedding"]["table"]  # fixed: zero gradients, zero Adam updates
@@ -145,7 +145,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(colour_csv, straig
     watcher = _send_sigterm_after_first_step(tmp_path)
     assert finetune_and_evaluate(config, tmp_path) is None
     watcher.join()
-    stopped_at = checkpoints.restore_params(tmp_path).step
+    stopped_at = saved_models.read_saved_model(tmp_path).step
     assert 1 <= stopped_at < 24
 
     resumed = finetune_and_evaluate(config, tmp_path)
@@ -153,7 +153,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(colour_csv, straig
     for key in ("acc", "auc", "f1", "selected_step", "val", "steps_run"):
         assert resumed[key] == reference[key], key
     assert val_by_step(tmp_path) == val_by_step(straight_run)
-    ours, theirs = checkpoints.restore_params(tmp_path), checkpoints.restore_params(straight_run)
+    ours, theirs = saved_models.read_saved_model(tmp_path), saved_models.read_saved_model(straight_run)
     jax.tree_util.tree_map(np.testing.assert_array_equal, ours.generator, theirs.generator)
 
 
@@ -167,7 +167,7 @@ def test_init_from_official_pt_loads_the_encoder(colour_csv, straight_run, torch
     expected = Marlin.from_file(arch, official).params["encoder"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(run.trainer.state.params["encoder"]),
                            expected)
-    selected = checkpoints.restore_params(straight_run / "best").generator["encoder"]
+    selected = saved_models.read_saved_model(straight_run / "best").generator["encoder"]
     jax.tree_util.tree_map(np.testing.assert_allclose, expected, selected)
     run.trainer.loader.close()
 

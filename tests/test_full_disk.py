@@ -20,7 +20,7 @@ from data_prep.build_state import BuildConfig
 from data_prep.local_build import build_dataset
 from data_prep.demo_videos import render_video, write_mp4
 from marlin_jax.data.shards import load_manifest
-from marlin_jax.training import checkpoints
+from marlin_jax.interop import saved_models
 from tiny_pretraining import make_small_demo, read_metrics, run_env, run_train, without_timing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -184,14 +184,14 @@ def test_full_disk_while_checkpointing_stops_clearly_and_a_rerun_finishes(traini
     assert f"{', '.join(map(str, finished))}) are intact" in message and "rerun the same command" in message
     assert sorted(ocp.path.step.checkpoint_steps(workdir / "checkpoints")) == finished
     for step in finished:  # intact, and kept by retention although a newer save had started (keep 1)
-        ours, theirs = checkpoints.restore_params(workdir, step), checkpoints.restore_params(reference, step)
+        ours, theirs = saved_models.read_saved_model(workdir, step), saved_models.read_saved_model(reference, step)
         jax.tree_util.tree_map(np.testing.assert_array_equal, ours.generator, theirs.generator)
 
     ballast.unlink()
     rerun = run_train(workdir, shards, *run, env=env, timeout=300)
     assert "was left half-written by a save that did not finish; removing it" in rerun.stderr
     assert without_timing(read_metrics(workdir)[8]) == without_timing(read_metrics(reference)[8])
-    ours, theirs = checkpoints.restore_params(workdir), checkpoints.restore_params(reference)
+    ours, theirs = saved_models.read_saved_model(workdir), saved_models.read_saved_model(reference)
     assert ours.step == theirs.step == 8
     jax.tree_util.tree_map(np.testing.assert_array_equal, ours.generator, theirs.generator)
     assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))

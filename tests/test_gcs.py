@@ -39,7 +39,7 @@ from marlin_jax import storage
 from marlin_jax.data import shards as shard_dir
 from marlin_jax.data.schema import parse_clip
 from marlin_jax.data.tfrecord import RecordReader, RecordWriter, read_records
-from marlin_jax.training import checkpoints
+from marlin_jax.interop import saved_models
 
 NUM_VIDEOS = 6
 BUILD_SETTINGS = {"workers": 1, "shard_size": 2, "val_fraction": 0.2, "image_size": IMAGE_SIZE}
@@ -234,7 +234,7 @@ def assert_same_run(metrics: dict[int, dict], reference: dict[int, dict]) -> Non
 
 def test_training_in_a_bucket_resumes_after_sigkill_as_if_uninterrupted(resumed_run, reference_run):
     assert_same_run(read_metrics(resumed_run), read_metrics(reference_run["workdir"]))
-    assert checkpoints.restore_params(resumed_run).step == TOTAL_STEPS
+    assert saved_models.read_saved_model(resumed_run).step == TOTAL_STEPS
     workdir = epath.Path(resumed_run)
     assert (workdir / "config.json").exists() and (workdir / "reconstructions" / "step_00000004.png").exists()
     from tensorboardX.proto import event_pb2
@@ -251,7 +251,7 @@ def test_a_store_that_fails_requests_loses_nothing(shards, reference_run, setup)
         assert faults["unavailable"] and faults["reset"] and faults["cut"], faults
     assert_same_clips(clips_of(shards["path"]), clips_of(setup.local / "shards"))
     assert sorted(read_metrics(reference_run["workdir"])) == list(range(1, TOTAL_STEPS + 1))
-    assert checkpoints.restore_params(reference_run["workdir"]).step == TOTAL_STEPS
+    assert saved_models.read_saved_model(reference_run["workdir"]).step == TOTAL_STEPS
 
 
 def test_export_from_a_bucket_to_a_bucket_loads_in_marlin_pytorch(resumed_run, setup, tmp_path, marlin_pytorch):
@@ -263,7 +263,7 @@ def test_export_from_a_bucket_to_a_bucket_loads_in_marlin_pytorch(resumed_run, s
         (tmp_path / f"tiny{suffix}").write_bytes((epath.Path(output) / f"tiny{suffix}").read_bytes())
     marlin_pytorch.config.register_model_from_yaml("gcs_export", str(tmp_path / "tiny.yaml"))
     model = marlin_pytorch.Marlin.from_file("gcs_export", str(tmp_path / "tiny.pt"))
-    saved = checkpoints.restore_params(resumed_run)
+    saved = saved_models.read_saved_model(resumed_run)
     np.testing.assert_array_equal(model.encoder.norm.weight.detach().numpy(),
                                   saved.generator["encoder"]["norm"]["scale"])
 

@@ -25,7 +25,7 @@ from data_prep.demo_videos import make_demo_dataset
 from marlin_jax import Marlin
 from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.config_files import load_config
-from marlin_jax.training import checkpoints
+from marlin_jax.interop import saved_models
 
 from tiny_pretraining import read_metrics
 
@@ -105,9 +105,9 @@ def test_fsdp_across_processes_runs_every_cadence(fsdp_run, demo):
     assert all(np.isfinite(records[s][k]) for s in records for k in ("rec_loss", "d_loss", "data/corrupt_records"))
     assert sorted(p.name for p in (fsdp_run / "reconstructions").glob("*.png")) == [
         "step_00000002.png", "step_00000004.png", "step_00000006.png"]
-    assert checkpoints.restore_params(fsdp_run).step == 6
+    assert saved_models.read_saved_model(fsdp_run).step == 6
     best = min((2, 4, 6), key=lambda step: records[step]["val/loss"])
-    assert checkpoints.restore_params(fsdp_run / "best").step == best
+    assert saved_models.read_saved_model(fsdp_run / "best").step == best
     saved = json.loads((fsdp_run / "config.json").read_text())
     assert saved["resolved"]["process_count"] == 2 and saved["resolved"]["mesh"] == {"data": 2, "fsdp": 2,
                                                                                     "tensor": 1}
@@ -122,7 +122,7 @@ def test_init_from_lands_in_pure_fsdp_across_processes(fsdp_run, demo):
         "--config.learning_rate.base=0")))
     arch = MarlinArchitecture.from_dict(load_config(TINY_CONFIG).model.to_dict())
     expected = Marlin.from_file(arch, demo["weights"]).params["encoder"]
-    saved = checkpoints.restore_params(workdir).generator["encoder"]
+    saved = saved_models.read_saved_model(workdir).generator["encoder"]
     import jax
     jax.tree_util.tree_map(np.testing.assert_array_equal, saved, expected)
 
@@ -137,7 +137,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(fsdp_run
         time.sleep(0.05)
     processes[1].send_signal(signal.SIGTERM)
     finish(processes)
-    stopped = checkpoints.restore_params(tmp_path)
+    stopped = saved_models.read_saved_model(tmp_path)
     assert 2 <= stopped.step < 6, "the preempted run should stop early, at a step both processes agreed on"
     assert max(read_metrics(tmp_path)) == stopped.step
     finish(start_processes("marlin_jax.train", *args))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_prep.demo_videos import make_demo_dataset
-from marlin_jax.training import checkpoints
+from marlin_jax.interop import saved_models
 from marlin_jax.config_files import load_config
 from marlin_jax.pretraining.trainer import build_trainer, train_and_evaluate
 from marlin_jax.training.run_control import NonFiniteLossError
@@ -75,11 +75,11 @@ def test_tiny_pretraining_writes_everything(tiny_run):
                 "val/rec_loss", "val/d_loss", "val/g_loss", "val/loss", "val/rec_loss_baseline"):
         assert key in records[4], key
     assert records[4]["val/loss"] == pytest.approx(records[4]["val/d_loss"] + records[4]["val/g_loss"])
-    assert checkpoints.restore_params(tmp_path).step == 4
+    assert saved_models.read_saved_model(tmp_path).step == 4
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "reconstructions" / "step_00000004.png").is_file()
     best_step = min((2, 4), key=lambda step: records[step]["val/loss"])
-    assert checkpoints.restore_params(tmp_path / "best").step == best_step
+    assert saved_models.read_saved_model(tmp_path / "best").step == best_step
     saved_config = json.loads((tmp_path / "config.json").read_text())
     assert saved_config["config"]["batch_size"] == 4 and saved_config["resolved"]["total_steps"] == 4
     # profile_steps="2,1": a trace of step 2 that TensorBoard's profile plugin opens.
@@ -88,7 +88,7 @@ def test_tiny_pretraining_writes_everything(tiny_run):
 
 def test_export_best_writes_the_best_checkpoint(tiny_run, marlin_pytorch):
     workdir, _ = tiny_run
-    best = checkpoints.restore_params(workdir / "best")
+    best = saved_models.read_saved_model(workdir / "best")
     result = subprocess.run([sys.executable, "-m", "marlin_jax.export", f"--workdir={workdir}", "--best",
                              f"--output={workdir / 'exported'}"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -141,7 +141,7 @@ def test_sigterm_saves_and_stops(demo_shards, tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
-    saved_step = checkpoints.restore_params(tmp_path).step
+    saved_step = saved_models.read_saved_model(tmp_path).step
     assert 1 <= saved_step < 1000
     assert saved_step == max(read_metrics(tmp_path))
 
@@ -187,7 +187,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_shards, t
     diverging.learning_rate.base = 1e32  # resumes at step 1, then overflows
     with pytest.raises(NonFiniteLossError, match="non-finite values at step 2"):
         train_and_evaluate(diverging, tmp_path)
-    saved = checkpoints.restore_params(tmp_path)
+    saved = saved_models.read_saved_model(tmp_path)
     import jax
     assert saved.step == 1
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(saved.generator))

@@ -19,7 +19,7 @@ from marlin_jax import storage
 from marlin_jax.architectures import MarlinArchitecture, describe, official_architecture
 from marlin_jax.interop import official_weights, torch_files
 from marlin_jax.interop.state_dict import import_state_dict
-from marlin_jax.training import checkpoints
+from marlin_jax.interop import saved_models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ def load_weights(arch: MarlinArchitecture, path, *, step: int | None = None, tru
         path = official_file(path, arch)
     path = epath.Path(path)
     if path.is_dir():
-        saved = checkpoints.restore_params(path, step)
+        saved = saved_models.read_saved_model(path, step)
         if saved.architecture != arch:
             raise ValueError(f"checkpoint {path} was trained with architecture {describe(saved.architecture)}, not "
                              f"the requested {describe(arch)}")

@@ -7,7 +7,8 @@
   - "data_iterator": the input pipeline's state, so a resumed run sees the same batches (training only);
   - "metadata":      JSON: {"architecture": {...}, "model_name": str, "step": int, "best": {...}, ...}.
 `<workdir>/best/<step>/` holds "params" and "metadata" of the model with the best validation score so far.
-Inference and export read "params" and "metadata" alone, so they need no optimiser template.
+Inference and export read "params" and "metadata" alone, so they need no optimiser template
+(marlin_jax/interop/saved_models.py).
 
 A step whose restore fails (a file removed or truncated) is moved aside to `<workdir>/damaged_checkpoints/`
 with a warning naming it, and the newest intact step is used instead: orbax's retention counts step folders, so a
@@ -40,7 +41,6 @@ from absl import logging
 from etils import epath
 
 from marlin_jax import storage
-from marlin_jax.architectures import MarlinArchitecture
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_SUBDIR = "best"
@@ -276,57 +276,6 @@ def restore_best_params(workdir, params_like: Any) -> Any:
         manager.close()
 
 
-# --- reading a model back (export, inference) -------------------------------------------------------------
-
 def is_checkpoint_dir(path) -> bool:
     directory = checkpoint_dir(path)
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
-@dataclasses.dataclass(frozen=True)
-class SavedModel:
-    architecture: MarlinArchitecture
-    generator: dict[str, Any]
-    discriminator: dict[str, Any] | None
-    step: int
-    model_name: str
-
-
-def _read_handlers() -> dict:
-    return {"params": ocp.PyTreeCheckpointHandler(), "opt_state": ocp.PyTreeCheckpointHandler(),
-            "data_iterator": grain.checkpoint.CheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
-
-
-def restore_params(path, step: int | None = None) -> SavedModel:
-    """Reads the model of a workdir's (latest intact, or `step`) checkpoint as host numpy arrays, whatever
-    devices wrote it: a checkpoint from a TPU pod or a 2-process run reads back on one CPU."""
-    directory = checkpoint_dir(path)
-    if not is_checkpoint_dir(directory):
-        raise ValueError(f"{path} holds no orbax checkpoint (looked for numbered step folders in {directory})")
-    manager = ocp.CheckpointManager(directory, item_handlers=_read_handlers(),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        steps = sorted(manager.all_steps(), reverse=True)
-        if step is not None and step not in steps:
-            raise ValueError(f"no checkpoint for step {step} in {directory}; available steps: {sorted(steps)}")
-        for candidate in [step] if step is not None else steps:
-            try:
-                return _read_model(manager, candidate)
-            except Exception as error:  # noqa: BLE001 - a damaged step: fall back to an older one
-                if step is not None:
-                    raise ValueError(f"checkpoint step {step} in {directory} is damaged: {error}") from error
-                logging.warning("checkpoint step %d in %s is damaged (%s: %s); reading the next older step",
-                                candidate, directory, type(error).__name__, error)
-        raise ValueError(f"no intact checkpoint in {directory} (steps tried: {steps})")
-    finally:
-        manager.close()
-
-
-def _read_model(manager: ocp.CheckpointManager, step: int) -> SavedModel:
-    params_tree = manager.item_metadata(step)["params"].tree
-    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_tree)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.PyTreeRestore(restore_args=as_numpy), metadata=ocp.args.JsonRestore()))
-    params, metadata = restored.params, restored.metadata
-    return SavedModel(MarlinArchitecture.from_dict(metadata["architecture"]), params["generator"],
-                      params.get("discriminator"), step, metadata.get("model_name", "marlin"))
