@@ -115,7 +115,7 @@ def benchmark_model(marlin_pytorch, arch: MarlinArchitecture, batch_sizes: list[
             wall, cpu = mfu.timed(run)
             seconds[key].append(wall)
             cpu_seconds[key].append(cpu)
-    flops = mfu.extraction_flops(arch)
+    flops = model_flops.extraction_flops(arch)
     matmul_flops = 2 * mfu.PEAK_MATMUL_SIZE ** 3
     peaks = {fw: matmul_flops / min(seconds["matmul", fw]) / 1e9 for fw in FRAMEWORKS}
     cpu_peaks = {fw: matmul_flops / min(cpu_seconds["matmul", fw]) / 1e9 for fw in FRAMEWORKS}

@@ -245,7 +245,7 @@ def benchmark_size(name: str, args, marlin_pytorch, peaks_before: dict) -> dict:
     jax_times, torch_times = timed_rounds(name, args, jax_trainer, torch_trainer)
     # The peak right after this size's rounds, with the one before all sizes: the better of the two counts.
     peaks = _best_peaks(measure_peaks(args), peaks_before)
-    flops = mfu.pretraining_flops(arch, num_visible)
+    flops = model_flops.pretraining_flops(arch, num_visible)
     result = {
         "visible_tokens_per_clip": f"{num_visible} of {arch.num_tokens}",
         "matmul_peak_gflops": _rounded(peaks),

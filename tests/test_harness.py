@@ -117,7 +117,7 @@ def test_in_training_probe_learns_a_planted_signal(tmp_path):
         csv.writer(file).writerows([["path", "split", "label"], *rows])
     arch = dataclasses.replace(VIT_TINY, img_size=64)
     config = load_config(str(REPO_ROOT / "configs/pretrain/marlin_vit_small.py") + ":tiny")
-    mesh = sharding.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"))
+    mesh = sharding.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"), jax.devices())
     block = dict(config.evals.probe, csv=str(tmp_path / "probe.csv"), batch_size=8)
     evaluator = LinearProbeEvaluator("colour", block, config=config, settings=StepSettings.from_config(config, arch),
                                      mesh=mesh)
