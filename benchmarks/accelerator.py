@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from marlin_jax import model_flops
 from marlin_jax.architectures import VIT_BASE, VIT_TINY, MarlinArchitecture
 from marlin_jax.model import encode_clips, gpu_attention_implementation, init_params
 from marlin_jax.pretraining.state import init_train_state, make_optimizer

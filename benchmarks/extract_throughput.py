@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from marlin_jax import Marlin
+from marlin_jax import Marlin, model_flops
 from marlin_jax.architectures import VIT_BASE, VIT_SMALL, MarlinArchitecture
 from marlin_jax.extraction import ExtractionOptions, extract_videos
 from marlin_jax.model import encode_clips

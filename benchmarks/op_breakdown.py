@@ -36,6 +36,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={D
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from marlin_jax import model_flops  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).parent))
 import mfu  # noqa: E402
 

@@ -38,6 +38,7 @@ import numpy as np
 import optax
 import torch
 
+from marlin_jax import model_flops
 from marlin_jax.architectures import VIT_BASE, VIT_SMALL, MarlinArchitecture
 from marlin_jax.pretraining.state import init_train_state, make_optimizer
 from marlin_jax.pretraining.step import StepSettings, make_train_step

@@ -13,7 +13,6 @@ naming the shortfall and the levers. Needs libtpu (pip install -e '.[tpu]'); see
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import flags
@@ -42,10 +41,7 @@ flags.mark_flags_as_required(["config", "topology"])
 def main(argv):
     launch.start(argv)
     # This process compiles for the slice and runs nothing: keep JAX off any local accelerator (on a TPU VM the
-    # TPU may be busy training). libtpu also looks for the TPU VM it runs on and logs errors when it finds none;
-    # these two values quiet it and decide nothing, as the slice is described in full (marlin_jax.aot_compile).
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # TPU may be busy training).
     import jax
     jax.config.update("jax_platforms", "cpu")
     from marlin_jax import aot_compile

@@ -75,6 +75,17 @@ def check_libtpu() -> None:
                           f"'jax[tpu]=={jax.__version__}' (or pip install -e '.[tpu]' in this checkout)")
 
 
+def _compile_only_libtpu() -> None:
+    """Settings libtpu reads when it loads, for compiling only. Its lockfile (/tmp/libtpu_lockfile) admits one
+    libtpu process per machine, which a compile does not need: without ALLOW_MULTIPLE_LIBTPU_LOAD a second
+    compile, or a training run on a TPU VM, would stop this one. libtpu also looks for the TPU VM it runs on and
+    logs errors when there is none; the other two values quiet that and decide nothing, as `describe_slice`
+    names the slice in full."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
 @dataclasses.dataclass(frozen=True)
 class Slice:
     """A TPU slice (or several, over the data-centre network) as compile-only devices."""
@@ -109,6 +120,7 @@ def describe_slice(topology: str, num_slices: int = 1) -> Slice:
     if num_slices < 1:
         raise ValueError(f"--num_slices must be >= 1, got {num_slices}")
     check_libtpu()
+    _compile_only_libtpu()
     chip = CHIPS[match["kind"]]
     shape = [int(s) for s in match["shape"].split("x")]
     chips_per_slice = math.prod(shape)
@@ -121,7 +133,9 @@ def describe_slice(topology: str, num_slices: int = 1) -> Slice:
     from jax.experimental import topologies
     try:
         description = topologies.get_topology_desc(topology_name=topology, platform="tpu", **options)
-    except RuntimeError as error:  # libtpu rejects the shape (JaxRuntimeError is a RuntimeError)
+    except jax.errors.JaxRuntimeError as error:
+        if "INVALID_ARGUMENT" not in str(error):
+            raise
         raise ValueError(f"libtpu does not know the TPU topology {topology!r}: {str(error).splitlines()[0]}") \
             from None
     return Slice(topology, chip, num_slices, list(description.devices))
@@ -411,7 +425,7 @@ def compile_config(config: ml_collections.ConfigDict, topology: str, *, num_slic
         "xla_flops_per_step": main["xla_flops"], "model_flops_per_step": main["model_flops"],
         "collectives": main["collectives"], "attention": main["attention"],
         "compile_seconds": round(sum(entry["compile_seconds"] for entry in compiled.values()), 1),
-        "hours_at_50pct_mfu": None if hours is None else round(hours, 2),
+        "hours_at_50pct_mfu": hours,
         "schedule": dataclasses.asdict(schedule) | {"epochs": config.num_epochs},
         "peak_bf16_flops_per_chip": tpu_slice.chip.peak_bf16_flops,
         "programs": compiled,

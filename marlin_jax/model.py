@@ -169,6 +169,59 @@ def _accelerator_attention(q, k, v, scale: float, implementation: str | None):
     return out.swapaxes(1, 2)
 
 
+# Splash attention's tile, in tokens (its default block sizes for queries and keys, forward and backward); the
+# token count is padded up to a multiple of it.
+SPLASH_BLOCK = 128
+
+
+def _splash_per_chip(q, k, v, tokens: int, interpret: bool):
+    """Splash attention over one chip's (B, H, N_padded, E) clips and heads; the first `tokens` are real."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    padded, heads = q.shape[2], q.shape[1]
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.FullMask((padded, padded))] * heads),
+                                    head_shards=1, q_seq_shards=1, interpret=interpret)
+    segments = None
+    if padded != tokens:
+        # The padding is a segment of its own: real queries see only real keys, padded queries only padding (no
+        # row is empty, so the softmax stays finite), and the padded rows are cut off afterwards.
+        ids = (jnp.arange(padded) >= tokens).astype(jnp.int32)
+        segments = splash.SegmentIds(q=ids, kv=ids)
+    return jax.vmap(lambda q_clip, k_clip, v_clip: kernel(q_clip, k_clip, v_clip, segment_ids=segments))(q, k, v)
+
+
+def splash_attention(q, k, v, scale: float, interpret: bool = False):
+    """Softmax attention over (B, H, N, E) head-major arrays (q not yet scaled) by the Pallas TPU flash kernel
+    that ships with JAX (`jax.experimental.pallas.ops.tpu.splash_attention`), which tiles queries and keys in
+    blocks of `SPLASH_BLOCK` tokens and never writes the (N, N) logits to memory.
+
+    The tokens are padded to a multiple of the block and the padding masked out (segment ids). XLA's
+    partitioner cannot split a Pallas kernel, so under a mesh (the trainer's, the extractor's) the kernel runs
+    on each chip's own clips and heads inside `shard_map`, laid out as the logical-axis rules in effect place
+    "batch" and "heads". `interpret=True` runs the same kernel on the CPU (tests).
+    """
+    tokens = q.shape[2]
+    padded = -(-tokens // SPLASH_BLOCK) * SPLASH_BLOCK
+    q = q * jnp.asarray(scale, q.dtype)
+    if padded != tokens:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, padded - tokens), (0, 0))) for x in (q, k, v))
+    attend = functools.partial(_splash_per_chip, tokens=tokens, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        spec = _dividing_spec(nn.logical_to_mesh_axes(("batch", "heads", None, None)), q.shape, mesh)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    return attend(q, k, v)[:, :, :tokens]
+
+
+def _dividing_spec(spec, shape, mesh) -> jax.sharding.PartitionSpec:
+    """`spec` without the mesh axes that do not divide their dimension (a batch of one clip at init, say): those
+    dimensions stay whole on every chip."""
+    def divides(axes, size):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return size % int(np.prod([mesh.shape[a] for a in axes])) == 0
+    return jax.sharding.PartitionSpec(*(axes if divides(axes, size) else None for axes, size in zip(spec, shape)))
+
+
 @functools.cache
 def _cudnn_attention_available() -> bool:
     """Whether this process can build cuDNN's fused attention (JAX raises on a machine without cuDNN)."""
@@ -195,8 +248,8 @@ def attention(q, k, v, scale: float):
     probabilities from the saved denominators. XLA:CPU then fuses each chunk's QK^T matmul with its max and
     exp, and never materialises the (B, H, N, N) logits (59 MB per ViT-S clip) that
     `jax.nn.dot_product_attention` writes and re-reads.
-    NVIDIA GPUs: `jax.nn.dot_product_attention` with `gpu_attention_implementation`; TPUs and others: its
-    XLA implementation.
+    NVIDIA GPUs: `jax.nn.dot_product_attention` with `gpu_attention_implementation`. TPUs: `splash_attention`.
+    Others: `jax.nn.dot_product_attention`'s XLA implementation.
     """
     # platform_dependent traces every branch, so the cuDNN choice must also hold where cuDNN is absent.
     gpu_implementation = gpu_attention_implementation(q.dtype, q.shape[-1])
@@ -204,6 +257,7 @@ def attention(q, k, v, scale: float):
         q, k, v,
         cpu=functools.partial(_cpu_attention, scale=scale),
         cuda=functools.partial(_accelerator_attention, scale=scale, implementation=gpu_implementation),
+        tpu=functools.partial(splash_attention, scale=scale),
         default=functools.partial(_accelerator_attention, scale=scale, implementation="xla"))
 
 

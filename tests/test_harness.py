@@ -74,7 +74,8 @@ def test_config_mistakes_fail_before_anything_compiles(demo_shards, tmp_path, mo
 
 def test_the_mesh_must_divide_the_widths_it_splits():
     def mesh(**shape):
-        return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, **shape})
+        one_host = np.array([types.SimpleNamespace(process_index=0)])
+        return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, **shape}, devices=one_host)
 
     sharding.check_model_fits(VIT_SMALL, mesh(tensor=3, fsdp=2))
     with pytest.raises(ValueError, match=r"tensor axis \(4\) does not divide the encoder heads \(6\)"):

@@ -183,12 +183,12 @@ def build_trainer(config: ml_collections.ConfigDict, workdir) -> loop.Trainer:
     workdir = epath.Path(workdir)
     workdir = workdir if "://" in str(workdir) else workdir.absolute()
     arch = MarlinArchitecture.from_dict(config.model.to_dict())
+    settings = StepSettings.from_config(config, arch)
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, jax.devices())
     sharding.check_model_fits(arch, mesh)
     sharding.check_batch_fits(config.batch_size, mesh)
     steps_per_epoch, total_steps = schedule_lengths(config)
-    program = pretraining_program(config, arch, mesh, steps_per_epoch, total_steps)
-    evaluators = build_pretraining_evaluators(config.evals, config=config, settings=program.settings, mesh=mesh)
+    evaluators = build_pretraining_evaluators(config.evals, config=config, settings=settings, mesh=mesh)
     workdir.mkdir(parents=True, exist_ok=True)
     per_host_batch = config.batch_size // jax.process_count()
     print_banner(mesh=mesh, per_host_batch=per_host_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -197,6 +197,7 @@ def build_trainer(config: ml_collections.ConfigDict, workdir) -> loop.Trainer:
                                    "mesh": dict(mesh.shape), "process_count": jax.process_count(),
                                    "device_count": jax.device_count(), "per_host_batch": per_host_batch})
 
+    program = pretraining_program(config, arch, mesh, steps_per_epoch, total_steps)
     init_key, base_key = jax.random.split(jax.random.key(config.seed))
     state = sharding.init_sharded(program.init_state, init_key, program.state_shardings, mesh,
                                   config.logical_axis_rules)
