@@ -35,6 +35,8 @@ _NUM_OUTPUTS = flags.DEFINE_integer("num_outputs", None, "Fine-tuning: the head'
                                                          "decide it.")
 _EXTRACT_BATCH_SIZE = flags.DEFINE_integer("extract_batch_size", None, "Clips per extraction batch on one host "
                                                                        "(default: 8 per chip, as extract's).")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled program's optimised HLO here "
+                                              "(<program>.hlo.txt; benchmarks/tpu_memory.py reads it).")
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -48,7 +50,8 @@ def main(argv):
     config = _CONFIG.value
     report = aot_compile.compile_config(
         config, _TOPOLOGY.value, num_slices=_NUM_SLICES.value, programs=tuple(_PROGRAMS.value or ()),
-        train_clips=_TRAIN_CLIPS.value, num_outputs=_NUM_OUTPUTS.value, extract_batch_size=_EXTRACT_BATCH_SIZE.value)
+        train_clips=_TRAIN_CLIPS.value, num_outputs=_NUM_OUTPUTS.value, extract_batch_size=_EXTRACT_BATCH_SIZE.value,
+        hlo_dir=_HLO_DIR.value)
     print(aot_compile.summary(report))
     if _JSON.value:
         from etils import epath

@@ -22,7 +22,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -194,11 +194,12 @@ def out_of_memory(message: str, chip: Chip) -> dict[str, Any]:
             "attention": None, "compiler_error": message.strip().splitlines()[0]}
 
 
-def compile_program(jitted, args: tuple, mesh, rules, chip: Chip) -> dict[str, Any]:
-    """Lowers and compiles `jitted(*args)` for the mesh's devices; the compiler's figures per chip."""
+def compile_program(program: "Program", chip: Chip, hlo_dir: str | None = None) -> dict[str, Any]:
+    """Lowers and compiles the program for its mesh's devices; the compiler's figures per chip. With `hlo_dir`,
+    the optimised HLO goes to `<hlo_dir>/<name>.hlo.txt` (benchmarks/tpu_memory.py reads where the memory goes)."""
     start = time.perf_counter()
-    with sharding.activate(mesh, rules):
-        lowered = jitted.lower(*args)
+    with sharding.activate(program.mesh, program.rules):
+        lowered = program.jitted.lower(*program.args)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:
@@ -209,6 +210,9 @@ def compile_program(jitted, args: tuple, mesh, rules, chip: Chip) -> dict[str, A
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hlo = compiled.as_text()
+    if hlo_dir:
+        from etils import epath
+        (epath.Path(hlo_dir) / f"{program.name}.hlo.txt").write_text(hlo)
     memory = memory_per_chip(compiled, chip)
     return {"fits": memory["total"] <= memory["capacity"], "hbm_per_chip_bytes": memory,
             "xla_flops_per_chip": float(cost.get("flops", 0.0)), "collectives": collective_counts(hlo),
@@ -219,15 +223,25 @@ def compile_program(jitted, args: tuple, mesh, rules, chip: Chip) -> dict[str, A
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """One program of a run: how to compile it, its global batch and its model FLOPs per execution."""
+    """One program of a run: the jitted function and its arguments (shapes carrying shardings) on its mesh, its
+    global batch and its model FLOPs per execution."""
 
     name: str
-    compile: Callable[[], dict[str, Any]]
+    jitted: Any
+    args: tuple
+    mesh: jax.sharding.Mesh
+    rules: Any
     global_batch: int
     model_flops: float
-    chips: int
-    mesh: dict[str, int]
-    per_chip_batch: float
+
+    @property
+    def chips(self) -> int:
+        return self.mesh.size
+
+    @property
+    def per_chip_batch(self) -> float:
+        batch_axes = [axis for axis in ("batch", "data", "fsdp") if axis in self.mesh.shape]
+        return self.global_batch / math.prod(self.mesh.shape[axis] for axis in batch_axes)
 
 
 def config_kind(config: ml_collections.ConfigDict) -> str:
@@ -252,10 +266,6 @@ def _config_mesh(config, tpu_slice: Slice) -> jax.sharding.Mesh:
 
 def _sharded(shapes: dict[str, jax.ShapeDtypeStruct], target) -> dict[str, jax.ShapeDtypeStruct]:
     return {name: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=target) for name, s in shapes.items()}
-
-
-def _per_chip(batch: int, mesh) -> float:
-    return batch / (mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def _key(mesh) -> jax.ShapeDtypeStruct:
@@ -291,12 +301,8 @@ def extraction_program(arch: MarlinArchitecture, tpu_slice: Slice, batch_size: i
     clips = jax.ShapeDtypeStruct((batch, arch.num_frames, arch.img_size, arch.img_size, 3), np.uint8,
                                  sharding=clip_sharding)
 
-    def compile_() -> dict[str, Any]:
-        return compile_program(encode_clips, (encoder, clips, arch, False), mesh, EXTRACTION_AXIS_RULES,
-                               tpu_slice.chip)
-
-    return Program("extract_features", compile_, batch, batch * model_flops.extraction_flops(arch), len(devices),
-                   dict(mesh.shape), batch / len(devices))
+    return Program("extract_features", encode_clips, (encoder, clips, arch, False), mesh, EXTRACTION_AXIS_RULES,
+                   batch, batch * model_flops.extraction_flops(arch))
 
 
 def pretraining_programs(config, tpu_slice: Slice, train_clips: int | None,
@@ -325,11 +331,7 @@ def pretraining_programs(config, tpu_slice: Slice, train_clips: int | None,
     args = (state, batch, _key(mesh))
     flops = config.batch_size * model_flops.pretraining_flops(arch, program.settings.num_visible)["jax_step"]
 
-    def compile_() -> dict[str, Any]:
-        return compile_program(program.train_step, args, mesh, config.logical_axis_rules, tpu_slice.chip)
-
-    train = Program("train_step", compile_, config.batch_size, flops, tpu_slice.chips, dict(mesh.shape),
-                    _per_chip(config.batch_size, mesh))
+    train = Program("train_step", program.train_step, args, mesh, config.logical_axis_rules, config.batch_size, flops)
     return [train, extraction_program(arch, tpu_slice, extract_batch_size)], schedule
 
 
@@ -368,26 +370,19 @@ def finetuning_programs(config, tpu_slice: Slice, train_clips: int | None,
     eval_clips = _sharded({"video": clip_shapes(config.eval_batch_size, clip_settings)},
                           program.batch_sharding)["video"]
     rules = config.logical_axis_rules
-
-    def compile_train() -> dict[str, Any]:
-        return compile_program(program.train_step, (state, batch), mesh, rules, tpu_slice.chip)
-
-    def compile_predict() -> dict[str, Any]:
-        return compile_program(program.predict, (state.params, eval_clips), mesh, rules, tpu_slice.chip)
-
     train_flops = config.batch_size * model_flops.finetuning_flops(arch, num_outputs)
     eval_flops = config.eval_batch_size * model_flops.extraction_flops(arch)
-    return [Program("train_step", compile_train, config.batch_size, train_flops, tpu_slice.chips, dict(mesh.shape),
-                    _per_chip(config.batch_size, mesh)),
-            Program("predict", compile_predict, config.eval_batch_size, eval_flops, tpu_slice.chips,
-                    dict(mesh.shape), _per_chip(config.eval_batch_size, mesh))], schedule
+    return [Program("train_step", program.train_step, (state, batch), mesh, rules, config.batch_size, train_flops),
+            Program("predict", program.predict, (state.params, eval_clips), mesh, rules, config.eval_batch_size,
+                    eval_flops)], schedule
 
 
 # --- the report ------------------------------------------------------------------------------------------------
 
 def compile_config(config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 1,
                    programs: tuple[str, ...] | None = None, train_clips: int | None = None,
-                   num_outputs: int | None = None, extract_batch_size: int | None = None) -> dict[str, Any]:
+                   num_outputs: int | None = None, extract_batch_size: int | None = None,
+                   hlo_dir: str | None = None) -> dict[str, Any]:
     """Compiles the config's programs (all of them, or those named) for the slice; returns the report that
     `python -m marlin_jax.aot` prints and writes. Its top-level figures are the train step's; `programs` has
     every compiled program's."""
@@ -405,8 +400,8 @@ def compile_config(config: ml_collections.ConfigDict, topology: str, *, num_slic
     compiled = {}
     for program in chosen:
         compiled[program.name] = {"global_batch": program.global_batch, "per_chip_batch": program.per_chip_batch,
-                                  "chips": program.chips, "mesh": program.mesh, "model_flops": program.model_flops,
-                                  **program.compile()}
+                                  "chips": program.chips, "mesh": dict(program.mesh.shape),
+                                  "model_flops": program.model_flops, **compile_program(program, tpu_slice.chip, hlo_dir)}
         per_chip = compiled[program.name].pop("xla_flops_per_chip")
         compiled[program.name]["xla_flops"] = None if per_chip is None else per_chip * program.chips
     main = compiled.get("train_step") or next(iter(compiled.values()))
