@@ -8,9 +8,9 @@ Cells:
   v5e-8, v5p-8, v6e-8 and a 32-chip v5e slice: fits, HBM per chip, mesh, hours for 2000 epochs of YouTube Faces
   at 50% MFU.
 - `largest`: the largest per-chip batch that compiles on v5e (16 GiB per chip, the least HBM), on a v5e:2x2
-  slice (data parallel: per-chip memory does not depend on the slice size). The per-chip temporaries of the
-  paper cell at 32 per chip predict it; the search then steps by `--step` clips per chip from there until one
-  batch compiles and the next does not, usually two or three compiles per model.
+  slice (data parallel: per-chip memory does not depend on the slice size). The v5e-8 paper cell's
+  temporaries, scaled linearly, predict it; steps from there bracket it between a batch that compiles and one
+  that does not, and bisection narrows that to `--resolution` clips per chip (a handful of compiles per model).
 
 Each compile takes minutes (ViT-L: tens of minutes on 2 busy cores); `--models` and `--cells` pick a subset, and
 results already in `--out` are kept and not recompiled, so an interrupted run continues where it stopped.
@@ -68,29 +68,40 @@ def cell_summary(report: dict) -> dict:
 
 def predicted_largest_batch(paper_v5e: dict) -> int:
     """Per-chip batch at which the v5e-8 paper cell's memory, temporaries scaled linearly, reaches the HBM."""
-    memory, per_chip = paper_v5e["hbm_per_chip_bytes"], paper_v5e["per_chip_batch"]
+    memory, per_chip = paper_v5e["hbm_per_chip_gib"], paper_v5e["per_chip_batch"]
     fixed = memory["total"] - memory["temporaries"]
     return max(1, int((memory["capacity"] - fixed) / (memory["temporaries"] / per_chip)))
 
 
-def largest_batch(config: str, start: int, step: int, results: dict, save) -> dict:
-    """Steps from `start` (clips per chip) by `step` until a batch compiles and the next one does not."""
+def largest_batch(config: str, start: int, resolution: int, results: dict, save) -> dict:
+    """The largest per-chip batch (a multiple of `resolution`) that compiles: from `start`, steps of growing size
+    bracket it between one that compiles and one that does not, then bisection closes the gap."""
     def fits(per_chip: int) -> bool:
         key = f"{SEARCH_TOPOLOGY} per_chip={per_chip}"
         if key not in results:
             results[key] = cell_summary(compile_cell(config, SEARCH_TOPOLOGY, per_chip * SEARCH_CHIPS))
             save()
-        return bool(results[key].get("fits"))
+        if "error" in results[key]:
+            raise RuntimeError(f"{config} at {per_chip} clips per chip: {results[key]['error']}")
+        return bool(results[key]["fits"])
 
-    per_chip = max(step, start // step * step)
-    if fits(per_chip):
-        while fits(per_chip + step):
-            per_chip += step
+    start = max(resolution, start // resolution * resolution)
+    stride = resolution
+    if fits(start):
+        low, high = start, start + stride
+        while fits(high):
+            low, stride = high, stride * 2
+            high = low + stride
     else:
-        while per_chip > step and not fits(per_chip - step):
-            per_chip -= step
-        per_chip -= step
-    return {"largest_per_chip_batch": per_chip, "step": step, "topology": SEARCH_TOPOLOGY}
+        high, low = start, start - stride
+        while low > 0 and not fits(low):
+            high, stride = low, stride * 2
+            low = max(0, high - stride)
+    while high - low > resolution:
+        middle = (low + high) // 2 // resolution * resolution
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return {"largest_per_chip_batch": low, "resolution": resolution, "topology": SEARCH_TOPOLOGY,
+            "compiles": len(results)}
 
 
 def main():
@@ -98,7 +109,7 @@ def main():
     parser.add_argument("--out", required=True, help="JSON file; cells already in it are kept.")
     parser.add_argument("--models", default="small,base,large")
     parser.add_argument("--cells", default="paper,largest")
-    parser.add_argument("--step", type=int, default=4, help="Resolution of the largest-batch search, per chip.")
+    parser.add_argument("--resolution", type=int, default=8, help="Clips per chip the largest-batch search resolves.")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     table = json.loads(out.read_text()) if out.exists() else {}
@@ -108,29 +119,28 @@ def main():
     def save():
         out.write_text(json.dumps(table, indent=2))
 
-    cells = args.cells.split(",")
-    for model in args.models.split(","):
-        config = MODELS[model]
-        results = table.setdefault(model, {})
-        if "paper" in cells:
+    cells, models = args.cells.split(","), args.models.split(",")
+    if "paper" in cells:
+        for model in models:
+            results = table.setdefault(model, {})
             for accelerator, topology in SLICES.items():
                 if accelerator not in results:
                     results[accelerator] = {"topology": topology,
-                                            **cell_summary(compile_cell(config, topology, PAPER_BATCH))}
+                                            **cell_summary(compile_cell(MODELS[model], topology, PAPER_BATCH))}
                     save()
-        if "largest" in cells and "largest_v5e" not in results:
-            paper = compile_cell(config, SLICES["v5e-8"], PAPER_BATCH) if "v5e-8" not in results else None
-            if paper is not None and "error" not in paper:
-                results["v5e-8"] = {"topology": SLICES["v5e-8"], **cell_summary(paper)}
-            v5e = results.get("v5e-8", {})
-            if v5e.get("fits"):
-                memory = {k: v * GIB for k, v in v5e["hbm_per_chip_gib"].items()}
-                start = predicted_largest_batch({"hbm_per_chip_bytes": memory,
-                                                 "per_chip_batch": v5e["per_chip_batch"]})
-            else:
-                start = PAPER_BATCH // 8 // 2
-            search = results.setdefault("largest_search", {})
-            results["largest_v5e"] = {"predicted": start, **largest_batch(config, start, args.step, search, save)}
+    if "largest" in cells:
+        for model in models:
+            results = table.setdefault(model, {})
+            if "largest_v5e" in results:
+                continue
+            if "v5e-8" not in results:
+                results["v5e-8"] = {"topology": SLICES["v5e-8"],
+                                    **cell_summary(compile_cell(MODELS[model], SLICES["v5e-8"], PAPER_BATCH))}
+            paper = results["v5e-8"]
+            start = (predicted_largest_batch(paper) if paper.get("fits")
+                     else int(paper["per_chip_batch"]) // 2)
+            results["largest_v5e"] = {"predicted": start, **largest_batch(
+                MODELS[model], start, args.resolution, results.setdefault("largest_search", {}), save)}
             save()
     table["runs"][-1]["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     table["runs"][-1]["load_average_at_finish"] = [round(x, 2) for x in os.getloadavg()]
