@@ -5,8 +5,10 @@
   second of wall time, and per second of this process's CPU time (`timed`).
 - The model FLOPs per clip they divide by come from `marlin_jax.model_flops` (2 per multiply-add of every
   matmul, counted from the architecture: nothing for recomputation, softmax or normalisation).
-- `xla_flops`: XLA's own count, the cross-check. The function is lowered for TPU, where attention is one
-  `dot_product_attention` call: on the CPU it loops over query chunks, and XLA counts a loop body once.
+- `xla_flops`: XLA's own count, the cross-check. The function is lowered for NVIDIA GPUs, where attention is
+  one `dot_product_attention` call (XLA's, as this machine has no cuDNN) and patchify a transpose: on the CPU
+  attention loops over query chunks, and XLA counts a loop body once; on a TPU attention is a Pallas kernel,
+  which XLA does not count, and patchify a one-hot convolution, which it does.
 - `mfu`: achieved model FLOP/s over the peak. Computed from CPU time on both sides (FLOPs per CPU-second over
   the matmul's FLOPs per CPU-second) it is the share of the cores' work that was useful, which other processes'
   load hardly changes, while wall-clock MFU drops as soon as they take the cores; on an idle machine the wall
@@ -78,7 +80,7 @@ def torch_matmul_rates(n: int = PEAK_MATMUL_SIZE, dtype=None, device: str = "cpu
     return _rates(2 * n ** 3, best_times(run, repeats))
 
 
-def xla_flops(jitted, *args, platform: str = "tpu") -> float:
+def xla_flops(jitted, *args, platform: str = "cuda") -> float:
     """XLA's FLOP count (all ops, elementwise included) of `jitted(*args)`, lowered for `platform` without
     compiling; args may be arrays or ShapeDtypeStructs."""
     cost = jitted.trace(*args).lower(lowering_platforms=(platform,)).cost_analysis()

@@ -15,7 +15,7 @@ divides each side's achieved model FLOP/s by its own framework's 2048x2048 matmu
 after the runs; "mfu_by_cpu_time" does the same per second of the process's CPU time, the figure that other
 load on a shared machine hardly moves (torch's OpenMP threads spin while they wait, which counts against
 it there). Model FLOPs are counted from the architecture for both sides; XLA's count (the step lowered
-for TPU) and torch's FLOP counter (one official iteration) are printed beside them as cross-checks. Prints
+for an NVIDIA GPU, see mfu.xla_flops) and torch's FLOP counter (one official iteration) are printed beside them as cross-checks. Prints
 one JSON object on stdout; progress goes to stderr.
 """
 
