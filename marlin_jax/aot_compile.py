@@ -36,7 +36,7 @@ GIB = 2 ** 30
 # The official YouTube Faces train split that MARLIN pretrains on, in clips: the schedule's length when the
 # config's data path has no manifest to count (--train_clips overrides it).
 YOUTUBE_FACES_TRAIN_CLIPS = 2593
-# The share of peak FLOP/s at which `hours_at_mfu` prices a schedule.
+# The share of peak FLOP/s at which `hours_at_50pct_mfu` prices a schedule.
 REFERENCE_MFU = 0.5
 
 
@@ -141,6 +141,29 @@ def describe_slice(topology: str, num_slices: int = 1) -> Slice:
     return Slice(topology, chip, num_slices, list(description.devices))
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One program of a run: the jitted function and its arguments (shapes carrying shardings) on its mesh, its
+    global batch and its model FLOPs per execution."""
+
+    name: str
+    jitted: Any
+    args: tuple
+    mesh: jax.sharding.Mesh
+    rules: Any
+    global_batch: int
+    model_flops: float
+
+    @property
+    def chips(self) -> int:
+        return self.mesh.size
+
+    @property
+    def per_chip_batch(self) -> float:
+        batch_axes = [axis for axis in ("batch", "data", "fsdp") if axis in self.mesh.shape]
+        return self.global_batch / math.prod(self.mesh.shape[axis] for axis in batch_axes)
+
+
 # --- what the compiler says ------------------------------------------------------------------------------------
 
 def memory_per_chip(compiled, chip: Chip) -> dict[str, int]:
@@ -194,7 +217,7 @@ def out_of_memory(message: str, chip: Chip) -> dict[str, Any]:
             "attention": None, "compiler_error": message.strip().splitlines()[0]}
 
 
-def compile_program(program: "Program", chip: Chip, hlo_dir: str | None = None) -> dict[str, Any]:
+def compile_program(program: Program, chip: Chip, hlo_dir: str | None = None) -> dict[str, Any]:
     """Lowers and compiles the program for its mesh's devices; the compiler's figures per chip. With `hlo_dir`,
     the optimised HLO goes to `<hlo_dir>/<name>.hlo.txt` (benchmarks/tpu_memory.py reads where the memory goes)."""
     start = time.perf_counter()
@@ -220,29 +243,6 @@ def compile_program(program: "Program", chip: Chip, hlo_dir: str | None = None) 
 
 
 # --- the programs of each kind of config -----------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Program:
-    """One program of a run: the jitted function and its arguments (shapes carrying shardings) on its mesh, its
-    global batch and its model FLOPs per execution."""
-
-    name: str
-    jitted: Any
-    args: tuple
-    mesh: jax.sharding.Mesh
-    rules: Any
-    global_batch: int
-    model_flops: float
-
-    @property
-    def chips(self) -> int:
-        return self.mesh.size
-
-    @property
-    def per_chip_batch(self) -> float:
-        batch_axes = [axis for axis in ("batch", "data", "fsdp") if axis in self.mesh.shape]
-        return self.global_batch / math.prod(self.mesh.shape[axis] for axis in batch_axes)
-
 
 def config_kind(config: ml_collections.ConfigDict) -> str:
     if "solver" in config:
@@ -379,6 +379,15 @@ def finetuning_programs(config, tpu_slice: Slice, train_clips: int | None,
 
 # --- the report ------------------------------------------------------------------------------------------------
 
+def _program_report(program: Program, chip: Chip, hlo_dir: str | None) -> dict[str, Any]:
+    report = {"global_batch": program.global_batch, "per_chip_batch": program.per_chip_batch,
+              "chips": program.chips, "mesh": dict(program.mesh.shape), "model_flops": program.model_flops,
+              **compile_program(program, chip, hlo_dir)}
+    per_chip = report.pop("xla_flops_per_chip")
+    report["xla_flops"] = None if per_chip is None else per_chip * program.chips
+    return report
+
+
 def compile_config(config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 1,
                    programs: tuple[str, ...] | None = None, train_clips: int | None = None,
                    num_outputs: int | None = None, extract_batch_size: int | None = None,
@@ -397,13 +406,7 @@ def compile_config(config: ml_collections.ConfigDict, topology: str, *, num_slic
     if unknown:
         raise ValueError(f"unknown program(s) {', '.join(unknown)}; a {kind} config has {', '.join(known)}")
     chosen = [program for program in candidates if not programs or program.name in programs]
-    compiled = {}
-    for program in chosen:
-        compiled[program.name] = {"global_batch": program.global_batch, "per_chip_batch": program.per_chip_batch,
-                                  "chips": program.chips, "mesh": dict(program.mesh.shape),
-                                  "model_flops": program.model_flops, **compile_program(program, tpu_slice.chip, hlo_dir)}
-        per_chip = compiled[program.name].pop("xla_flops_per_chip")
-        compiled[program.name]["xla_flops"] = None if per_chip is None else per_chip * program.chips
+    compiled = {program.name: _program_report(program, tpu_slice.chip, hlo_dir) for program in chosen}
     main = compiled.get("train_step") or next(iter(compiled.values()))
     train = next((p for p in chosen if p.name == "train_step"), None)
     hours = None
