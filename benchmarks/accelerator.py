@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from marlin_jax import model_flops
 from marlin_jax.architectures import VIT_BASE, VIT_TINY, MarlinArchitecture
 from marlin_jax.model import encode_clips, gpu_attention_implementation, init_params
 from marlin_jax.pretraining.state import init_train_state, make_optimizer
@@ -193,7 +194,7 @@ def pretraining_section(sizes: Sizes, budget: Budget, peaks: dict, vendor_tflops
                         steps_out: dict) -> dict:
     """One entry per batch size; the compiled batch-`batch_sizes[0]` step is kept for the pipeline section."""
     arch, device = sizes.arch, jax.devices()[0]
-    flops_per_clip = mfu.pretraining_flops(arch, StepSettings(arch).num_visible)["jax_step"]
+    flops_per_clip = model_flops.pretraining_flops(arch, StepSettings(arch).num_visible)["jax_step"]
     result = {"arch": dataclasses.asdict(arch), "compute_dtype": "bfloat16", "model_flops_per_clip": flops_per_clip}
     expected_s = 30.0
     for batch_size in sizes.batch_sizes:
@@ -279,7 +280,7 @@ def extraction_section(sizes: Sizes, budget: Budget, peaks: dict) -> dict:
     compiled = encode_clips.lower(params, clips, arch, False).compile()
     compile_s = time.perf_counter() - start
     seconds = timed_seconds(lambda: compiled(params, clips).block_until_ready(), 10)
-    flops = mfu.extraction_flops(arch)
+    flops = model_flops.extraction_flops(arch)
     clips_per_s = batch / seconds
     return {"batch_size": batch, "dtype": "float32 (the extraction path)", "compile_s": round(compile_s, 1),
             "clips_per_s": round(clips_per_s, 2), "model_flops_per_clip": flops,

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from marlin_jax import Marlin
+from marlin_jax import Marlin, model_flops
 from marlin_jax.architectures import VIT_BASE, VIT_SMALL, MarlinArchitecture
 from marlin_jax.video_features import ExtractionOptions, extract_videos
 from marlin_jax.model import encode_clips
@@ -115,7 +115,7 @@ def benchmark_model(marlin_pytorch, arch: MarlinArchitecture, batch_sizes: list[
             wall, cpu = mfu.timed(run)
             seconds[key].append(wall)
             cpu_seconds[key].append(cpu)
-    flops = mfu.extraction_flops(arch)
+    flops = model_flops.extraction_flops(arch)
     matmul_flops = 2 * mfu.PEAK_MATMUL_SIZE ** 3
     peaks = {fw: matmul_flops / min(seconds["matmul", fw]) / 1e9 for fw in FRAMEWORKS}
     cpu_peaks = {fw: matmul_flops / min(cpu_seconds["matmul", fw]) / 1e9 for fw in FRAMEWORKS}

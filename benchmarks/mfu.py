@@ -3,10 +3,12 @@
 - `jax_matmul_rates`, `torch_matmul_rates`: the best-of-N rate of one n x n matmul in each framework on this
   machine, measured in the same run as the model, so that a change of CPU or of machine load moves both: per
   second of wall time, and per second of this process's CPU time (`timed`).
-- `extraction_flops`, `pretraining_flops`: FLOPs per clip counted from the architecture, 2 per multiply-add of
-  every matmul (the model FLOPs: nothing for recomputation, softmax or normalisation).
-- `xla_flops`: XLA's own count, the cross-check. The function is lowered for TPU, where attention is one
-  `dot_product_attention` call: on the CPU it loops over query chunks, and XLA counts a loop body once.
+- The model FLOPs per clip they divide by come from `marlin_jax.model_flops` (2 per multiply-add of every
+  matmul, counted from the architecture: nothing for recomputation, softmax or normalisation).
+- `xla_flops`: XLA's own count, the cross-check. The function is lowered for NVIDIA GPUs, where attention is
+  one `dot_product_attention` call (XLA's, as this machine has no cuDNN) and patchify a transpose: on the CPU
+  attention loops over query chunks, and XLA counts a loop body once; on a TPU attention is a Pallas kernel,
+  which XLA does not count, and patchify a one-hot convolution, which it does.
 - `mfu`: achieved model FLOP/s over the peak. Computed from CPU time on both sides (FLOPs per CPU-second over
   the matmul's FLOPs per CPU-second) it is the share of the cores' work that was useful, which other processes'
   load hardly changes, while wall-clock MFU drops as soon as they take the cores; on an idle machine the wall
@@ -25,7 +27,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from marlin_jax.architectures import MarlinArchitecture
 
 PEAK_MATMUL_SIZE = 2048
 # lscpu flags that set what a CPU matmul can reach: AVX-512 (fp32), AVX-512 BF16 and AMX (bf16).
@@ -79,40 +80,7 @@ def torch_matmul_rates(n: int = PEAK_MATMUL_SIZE, dtype=None, device: str = "cpu
     return _rates(2 * n ** 3, best_times(run, repeats))
 
 
-def _transformer_flops(depth: int, tokens: int, dim: int, mlp_dim: int) -> int:
-    """Forward matmul FLOPs of `depth` ViT blocks: qkv, proj, the two MLP layers, q @ k^T and attn @ v."""
-    return depth * (2 * tokens * dim * (4 * dim + 2 * mlp_dim) + 4 * tokens * tokens * dim)
-
-
-def extraction_flops(arch: MarlinArchitecture) -> int:
-    """The encoder over all tokens: patch embedding and the blocks."""
-    n, d = arch.num_tokens, arch.encoder_embed_dim
-    return 2 * n * arch.patch_dim * d + _transformer_flops(arch.encoder_depth, n, d, arch.mlp_dim)
-
-
-def pretraining_flops(arch: MarlinArchitecture, num_visible: int) -> dict[str, int]:
-    """Per clip: the generator forward, one marlin_jax train step, one official D-then-G iteration.
-
-    A matmul's backward costs twice its forward (input and weight gradients), except the patch embedding,
-    whose input (the video) needs no gradient. The official iteration runs the generator forward and
-    backward twice and embeds all tokens before dropping the masked ones; its D backward also reaches the
-    prediction. The JAX step runs the generator once, embeds visible tokens only, and takes D's weight
-    gradients on the detached prediction and then only input gradients for the generator's adversarial term.
-    """
-    n, nv = arch.num_tokens, num_visible
-    nm, p, hidden = n - nv, arch.patch_dim, arch.discriminator_hidden_dim
-    trunk = (_transformer_flops(arch.encoder_depth, nv, arch.encoder_embed_dim, arch.mlp_dim)
-             + 2 * nv * arch.encoder_embed_dim * arch.decoder_embed_dim
-             + _transformer_flops(arch.decoder_depth, n, arch.decoder_embed_dim, arch.decoder_mlp_dim)
-             + 2 * nm * arch.decoder_embed_dim * p)
-    embed_visible, embed_all = 2 * nv * p * arch.encoder_embed_dim, 2 * n * p * arch.encoder_embed_dim
-    critic = 2 * nm * (p * hidden + hidden)  # one pass of D over one clip's predicted (or real) patches
-    return {"generator_forward": trunk + embed_visible,
-            "jax_step": 3 * trunk + 2 * embed_visible + 6 * critic,
-            "official_iteration": 6 * trunk + 2 * 2 * embed_all + 9 * critic}
-
-
-def xla_flops(jitted, *args, platform: str = "tpu") -> float:
+def xla_flops(jitted, *args, platform: str = "cuda") -> float:
     """XLA's FLOP count (all ops, elementwise included) of `jitted(*args)`, lowered for `platform` without
     compiling; args may be arrays or ShapeDtypeStructs."""
     cost = jitted.trace(*args).lower(lowering_platforms=(platform,)).cost_analysis()

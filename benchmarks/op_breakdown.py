@@ -36,6 +36,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={D
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from marlin_jax import model_flops  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).parent))
 import mfu  # noqa: E402
 
@@ -119,7 +121,7 @@ def pretrain_function(size: str, batch: int):
     step = jax.jit(make_train_step(settings, g_tx, d_tx, schedule))
     batch_arrays = jax.device_put(random_batch(arch, batch))
     key = jax.random.key(1)
-    flops = batch * mfu.pretraining_flops(arch, settings.num_visible)["jax_step"]
+    flops = batch * model_flops.pretraining_flops(arch, settings.num_visible)["jax_step"]
     return lambda: jax.block_until_ready(step(state, batch_arrays, key)), flops
 
 
@@ -131,7 +133,7 @@ def extract_function(size: str, batch: int):
     params = jax.device_put(nn.meta.unbox(init_params(jax.random.key(0), arch)[0])["encoder"])
     clips = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch, 16, 224, 224, 3), np.uint8))
     return (lambda: encode_clips(params, clips, arch, False).block_until_ready(),
-            batch * mfu.extraction_flops(arch))
+            batch * model_flops.extraction_flops(arch))
 
 
 def main(argv=None) -> None:

@@ -15,7 +15,7 @@ divides each side's achieved model FLOP/s by its own framework's 2048x2048 matmu
 after the runs; "mfu_by_cpu_time" does the same per second of the process's CPU time, the figure that other
 load on a shared machine hardly moves (torch's OpenMP threads spin while they wait, which counts against
 it there). Model FLOPs are counted from the architecture for both sides; XLA's count (the step lowered
-for TPU) and torch's FLOP counter (one official iteration) are printed beside them as cross-checks. Prints
+for an NVIDIA GPU, see mfu.xla_flops) and torch's FLOP counter (one official iteration) are printed beside them as cross-checks. Prints
 one JSON object on stdout; progress goes to stderr.
 """
 
@@ -38,6 +38,7 @@ import numpy as np
 import optax
 import torch
 
+from marlin_jax import model_flops
 from marlin_jax.architectures import VIT_BASE, VIT_SMALL, MarlinArchitecture
 from marlin_jax.pretraining.state import init_train_state, make_optimizer
 from marlin_jax.pretraining.step import StepSettings, make_train_step
@@ -245,7 +246,7 @@ def benchmark_size(name: str, args, marlin_pytorch, peaks_before: dict) -> dict:
     jax_times, torch_times = timed_rounds(name, args, jax_trainer, torch_trainer)
     # The peak right after this size's rounds, with the one before all sizes: the better of the two counts.
     peaks = _best_peaks(measure_peaks(args), peaks_before)
-    flops = mfu.pretraining_flops(arch, num_visible)
+    flops = model_flops.pretraining_flops(arch, num_visible)
     result = {
         "visible_tokens_per_clip": f"{num_visible} of {arch.num_tokens}",
         "matmul_peak_gflops": _rounded(peaks),

@@ -57,7 +57,42 @@ def patchify(video: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
 
     This is the layout of the official Conv3d weight and of the official reconstruction target, so the patch
     embedding is one matmul and the decoder's output compares against these vectors directly.
+
+    CPU and GPU reshape and transpose. A TPU lays out an array's two last dimensions in tiles of 8 x 128, so
+    the transpose's 8-D intermediates, whose last dimensions are 16 and 3, take 8 times their size (2.5 GiB per
+    v5e chip for ViT-B's float32 reconstruction target at 16 clips); there a strided convolution with a one-hot
+    kernel writes the (B, N, patch_dim) patches directly (`_patchify_by_convolution`: a sixth of the
+    temporaries and a third of the memory traffic of the transpose, by the TPU compiler's analysis of 16 bf16
+    clips).
     """
+    return jax.lax.platform_dependent(
+        video, cpu=functools.partial(_patchify_by_transpose, tubelet_size=tubelet_size, patch_size=patch_size),
+        tpu=functools.partial(_patchify_by_convolution, tubelet_size=tubelet_size, patch_size=patch_size),
+        default=functools.partial(_patchify_by_transpose, tubelet_size=tubelet_size, patch_size=patch_size))
+
+
+def _patchify_by_convolution(video: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
+    """`patchify` as one strided convolution with a one-hot kernel that copies input value (t, i, j, c) to output
+    feature (c, t, i, j). Each patch row's (pixel, channel) values are adjacent in the video, so they enter as
+    the convolution's input features (16 x 3 = 48, where 3 channels alone would pad to 128 lanes) and the
+    convolution spans frames and rows only. Exact: every output is one value times 1, accumulated in float32,
+    at the HIGHEST precision (float32 video takes several passes; bf16 video, or integer pixel values cast to
+    bf16, one)."""
+    b, t, h, w, c = video.shape
+    row = patch_size * c
+    patch_dim = tubelet_size * patch_size * row
+    # one_hot[t, i, 0, j * c + ch, feature (ch, t, i, j)] = 1
+    one_hot = np.eye(patch_dim, dtype=np.float32).reshape(c, tubelet_size, patch_size, patch_size, patch_dim)
+    one_hot = one_hot.transpose(1, 2, 3, 0, 4).reshape(tubelet_size, patch_size, 1, row, patch_dim)
+    patches = jax.lax.conv_general_dilated(
+        video.reshape(b, t, h, w // patch_size, row), jnp.asarray(one_hot, video.dtype),
+        window_strides=(tubelet_size, patch_size, 1), padding="VALID",
+        dimension_numbers=("NTHWC", "THWIO", "NTHWC"), precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32)
+    return patches.reshape(b, -1, patch_dim).astype(video.dtype)
+
+
+def _patchify_by_transpose(video: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
     b, t, h, w, c = video.shape
     nt, nh, nw = t // tubelet_size, h // patch_size, w // patch_size
     x = video.reshape(b, nt, tubelet_size, nh, patch_size, nw, patch_size, c)
@@ -169,6 +204,59 @@ def _accelerator_attention(q, k, v, scale: float, implementation: str | None):
     return out.swapaxes(1, 2)
 
 
+# Splash attention's tile, in tokens (its default block sizes for queries and keys, forward and backward); the
+# token count is padded up to a multiple of it.
+SPLASH_BLOCK = 128
+
+
+def _splash_per_chip(q, k, v, tokens: int, interpret: bool):
+    """Splash attention over one chip's (B, H, N_padded, E) clips and heads; the first `tokens` are real."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    padded, heads = q.shape[2], q.shape[1]
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.FullMask((padded, padded))] * heads),
+                                    head_shards=1, q_seq_shards=1, interpret=interpret)
+    segments = None
+    if padded != tokens:
+        # The padding is a segment of its own: real queries see only real keys, padded queries only padding (no
+        # row is empty, so the softmax stays finite), and the padded rows are cut off afterwards.
+        ids = (jnp.arange(padded) >= tokens).astype(jnp.int32)
+        segments = splash.SegmentIds(q=ids, kv=ids)
+    return jax.vmap(lambda q_clip, k_clip, v_clip: kernel(q_clip, k_clip, v_clip, segment_ids=segments))(q, k, v)
+
+
+def splash_attention(q, k, v, scale: float, interpret: bool = False):
+    """Softmax attention over (B, H, N, E) head-major arrays (q not yet scaled) by the Pallas TPU flash kernel
+    that ships with JAX (`jax.experimental.pallas.ops.tpu.splash_attention`), which tiles queries and keys in
+    blocks of `SPLASH_BLOCK` tokens and never writes the (N, N) logits to memory.
+
+    The tokens are padded to a multiple of the block and the padding masked out (segment ids). XLA's
+    partitioner cannot split a Pallas kernel, so under a mesh (the trainer's, the extractor's) the kernel runs
+    on each chip's own clips and heads inside `shard_map`, laid out as the logical-axis rules in effect place
+    "batch" and "heads". `interpret=True` runs the same kernel on the CPU (tests).
+    """
+    tokens = q.shape[2]
+    padded = -(-tokens // SPLASH_BLOCK) * SPLASH_BLOCK
+    q = q * jnp.asarray(scale, q.dtype)
+    if padded != tokens:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, padded - tokens), (0, 0))) for x in (q, k, v))
+    attend = functools.partial(_splash_per_chip, tokens=tokens, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        spec = _dividing_spec(nn.logical_to_mesh_axes(("batch", "heads", None, None)), q.shape, mesh)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    return attend(q, k, v)[:, :, :tokens]
+
+
+def _dividing_spec(spec, shape, mesh) -> jax.sharding.PartitionSpec:
+    """`spec` without the mesh axes that do not divide their dimension (a batch of one clip at init, say): those
+    dimensions stay whole on every chip."""
+    def divides(axes, size):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return size % int(np.prod([mesh.shape[a] for a in axes])) == 0
+    return jax.sharding.PartitionSpec(*(axes if divides(axes, size) else None for axes, size in zip(spec, shape)))
+
+
 @functools.cache
 def _cudnn_attention_available() -> bool:
     """Whether this process can build cuDNN's fused attention (JAX raises on a machine without cuDNN)."""
@@ -195,8 +283,8 @@ def attention(q, k, v, scale: float):
     probabilities from the saved denominators. XLA:CPU then fuses each chunk's QK^T matmul with its max and
     exp, and never materialises the (B, H, N, N) logits (59 MB per ViT-S clip) that
     `jax.nn.dot_product_attention` writes and re-reads.
-    NVIDIA GPUs: `jax.nn.dot_product_attention` with `gpu_attention_implementation`; TPUs and others: its
-    XLA implementation.
+    NVIDIA GPUs: `jax.nn.dot_product_attention` with `gpu_attention_implementation`. TPUs: `splash_attention`.
+    Others: `jax.nn.dot_product_attention`'s XLA implementation.
     """
     # platform_dependent traces every branch, so the cuDNN choice must also hold where cuDNN is absent.
     gpu_implementation = gpu_attention_implementation(q.dtype, q.shape[-1])
@@ -204,6 +292,7 @@ def attention(q, k, v, scale: float):
         q, k, v,
         cpu=functools.partial(_cpu_attention, scale=scale),
         cuda=functools.partial(_accelerator_attention, scale=scale, implementation=gpu_implementation),
+        tpu=functools.partial(splash_attention, scale=scale),
         default=functools.partial(_accelerator_attention, scale=scale, implementation="xla"))
 
 

@@ -26,6 +26,7 @@ import functools
 import logging
 from collections.abc import Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 import tqdm
@@ -50,7 +51,7 @@ class ExtractionOptions:
     reduction: "none" keeps one row per clip; "mean" / "max" reduce over clips, as the official extract_video.
     batch_size: clips per jitted call, gathered across videos and split over this host's devices; a last
         partial batch is padded to the next power of two (at least one clip per device), so XLA compiles at most
-        1 + log2(batch_size) shapes. None: default_batch_size().
+        1 + log2(batch_size) shapes. None: default_batch_size(this host's devices).
     """
 
     crop_face: bool = False
@@ -71,11 +72,27 @@ class ExtractionOptions:
             raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
 
 
-def default_batch_size() -> int:
+def default_batch_size(devices: Sequence[jax.Device]) -> int:
     """1 per CPU device, where a batch of 4 ran slower per clip than single clips (the (B, heads, tokens,
     tokens) attention logits outgrow the caches, benchmarks/extract_throughput.py); 8 per GPU/TPU chip."""
-    per_device = 1 if jax.default_backend() == "cpu" else 8
-    return per_device * jax.local_device_count()
+    per_device = 1 if devices[0].platform == "cpu" else 8
+    return per_device * len(devices)
+
+
+# The clips of a batch split over the mesh's one axis; the model's "batch" activations follow them, so that
+# TPU attention runs on each chip's own clips (see marlin_jax.model.attention).
+EXTRACTION_AXIS_RULES = (("batch", "batch"),)
+
+
+def extraction_mesh(devices: Sequence[jax.Device]) -> Mesh:
+    """One axis over one host's devices: `FeatureExtractor` passes `jax.local_devices()`, `python -m
+    marlin_jax.aot` the first host's chips of a TPU slice."""
+    return Mesh(np.asarray(devices), ("batch",))
+
+
+def extraction_shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+    """(encoder parameters: replicated, clips: split over the batch axis)."""
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
 
 
 class FeatureExtractor:
@@ -86,9 +103,9 @@ class FeatureExtractor:
 
     def __init__(self, architecture: MarlinArchitecture, encoder_params):
         self.architecture = architecture
-        self.mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
-        self.params = jax.device_put(encoder_params, NamedSharding(self.mesh, PartitionSpec()))
-        self._clip_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
+        self.mesh = extraction_mesh(jax.local_devices())
+        params_sharding, self._clip_sharding = extraction_shardings(self.mesh)
+        self.params = jax.device_put(encoder_params, params_sharding)
 
     @classmethod
     def of(cls, model) -> FeatureExtractor:
@@ -107,7 +124,9 @@ class FeatureExtractor:
     def encode(self, clips, keep_seq: bool) -> jax.Array:
         """(B, T, H, W, 3) clips (uint8, or floats in [0, 1]), B a multiple of the device count -> features,
         asynchronously: (B, D), or (B, N, D) with keep_seq."""
-        return encode_clips(self.params, jax.device_put(clips, self._clip_sharding), self.architecture, keep_seq)
+        clips = jax.device_put(clips, self._clip_sharding)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(EXTRACTION_AXIS_RULES):
+            return encode_clips(self.params, clips, self.architecture, keep_seq)
 
     def features(self, clips, keep_seq: bool) -> np.ndarray:
         """Any number of clips -> host features (padded to a multiple of the device count, then cut back)."""
@@ -168,7 +187,8 @@ class _ClipBatcher:
         self._extractor = extractor
         self._keep_seq = options.keep_seq
         devices = extractor.device_count
-        self._batch_size = -(-(options.batch_size or default_batch_size()) // devices) * devices
+        batch_size = options.batch_size or default_batch_size(extractor.mesh.devices.tolist())
+        self._batch_size = -(-batch_size // devices) * devices
         self._clips: list[np.ndarray] = []
         self._owners: list[int] = []
         self._in_flight: tuple[jax.Array, list[int]] | None = None

@@ -24,6 +24,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     atexit.register(shutil.rmtree, _SESSION_COMPILE_CACHE, ignore_errors=True)
 
+# The tests run on the CPU, and so does every process they start. The test extra installs libtpu (for
+# tests/test_aot.py, which compiles for TPU slices without running anything); without a pinned platform, JAX would
+# try to start a TPU backend in every process and log libtpu's complaints before falling back to the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES_DIR = REPO_ROOT.parent / "shared" / "data" / "marlin_samples"
 

@@ -74,7 +74,8 @@ def test_config_mistakes_fail_before_anything_compiles(demo_shards, tmp_path, mo
 
 def test_the_mesh_must_divide_the_widths_it_splits():
     def mesh(**shape):
-        return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, **shape})
+        one_host = np.array([types.SimpleNamespace(process_index=0)])
+        return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, **shape}, devices=one_host)
 
     sharding.check_model_fits(VIT_SMALL, mesh(tensor=3, fsdp=2))
     with pytest.raises(ValueError, match=r"tensor axis \(4\) does not divide the encoder heads \(6\)"):
@@ -117,7 +118,7 @@ def test_in_training_probe_learns_a_planted_signal(tmp_path):
         csv.writer(file).writerows([["path", "split", "label"], *rows])
     arch = dataclasses.replace(VIT_TINY, img_size=64)
     config = load_config(str(REPO_ROOT / "configs/pretrain/marlin_vit_small.py") + ":tiny")
-    mesh = sharding.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"))
+    mesh = sharding.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"), jax.devices())
     block = dict(config.evals.probe, csv=str(tmp_path / "probe.csv"), batch_size=8)
     evaluator = LinearProbeEvaluator("colour", block, config=config, settings=StepSettings.from_config(config, arch),
                                      mesh=mesh)

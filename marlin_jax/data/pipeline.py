@@ -31,6 +31,16 @@ from marlin_jax.data.record_dataset import (CheckedTFRecordDataset, CorruptRecor
                                             ShardFile, skip_corrupt)
 from marlin_jax.data.shards import load_manifest, split_shard_paths
 from marlin_jax.data.transforms import DecodeClip, SampleClipFrames
+from marlin_jax.face_labels import NUM_LABELS
+
+
+def batch_shapes(global_batch_size: int, *, num_frames: int, img_size: int, patch_size: int,
+                 tubelet_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch that the hosts' loaders (`make_pretrain_loader`) assemble, as shapes: what the train step
+    is compiled for."""
+    grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+    return {"video": jax.ShapeDtypeStruct((global_batch_size, num_frames, img_size, img_size, 3), np.uint8),
+            "occupancy": jax.ShapeDtypeStruct((global_batch_size, *grid, NUM_LABELS), np.bool_)}
 
 
 def make_pretrain_loader(

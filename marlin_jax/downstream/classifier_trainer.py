@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +141,35 @@ def _init_encoder(state: FinetuneState, shardings: FinetuneState, config, arch: 
     return state.replace(params={**state.params, "encoder": placed})
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetuningProgram:
+    """What fine-tuning puts on its mesh: the state (its init and layout), the jitted train step
+    `train_step(state, batch) -> (state, metrics)` and the evaluation forward `predict(params, video) -> logits`.
+    The fine-tuning run executes them; `python -m marlin_jax.aot` compiles the same objects for a TPU slice."""
+
+    init_state: Callable[[jax.Array], FinetuneState]
+    state_shardings: FinetuneState
+    train_step: Any
+    predict: Any
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def finetuning_program(config: ml_collections.ConfigDict, arch: MarlinArchitecture, task: str, num_outputs: int,
+                       mesh: jax.sharding.Mesh, steps_per_epoch: int) -> FinetuningProgram:
+    """The step, the predictor and the state layout for `mesh`; builds and runs nothing on a device."""
+    model = VideoClassifier(arch, num_outputs, config.remat, COMPUTE_DTYPES[config.compute_dtype])
+    tx = make_plateau_adam(config.optimizer, steps_per_epoch)
+    init = functools.partial(init_state, model=model, tx=tx)
+    state_shardings = sharding.state_shardings(init, mesh, config.logical_axis_rules)
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(model, tx, task, config.optimizer.learning_rate),
+                         in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    predict = jax.jit(make_predict(model), in_shardings=(state_shardings.params, batch_sharding),
+                      out_shardings=sharding.replicated(mesh))
+    return FinetuningProgram(init, state_shardings, train_step, predict, batch_sharding)
+
+
 @dataclasses.dataclass
 class Finetuning:
     """The harness's trainer plus what testing the selected model needs."""
@@ -155,7 +186,7 @@ def build_finetuning(config: ml_collections.ConfigDict, workdir) -> Finetuning:
     workdir = epath.Path(workdir)
     workdir = workdir if "://" in str(workdir) else workdir.absolute()
     arch = MarlinArchitecture.from_dict(config.model.to_dict())
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, jax.devices())
     sharding.check_model_fits(arch, mesh)
     for field in ("batch_size", "eval_batch_size"):
         sharding.check_batch_fits(config[field], mesh, field)
@@ -165,24 +196,18 @@ def build_finetuning(config: ml_collections.ConfigDict, workdir) -> Finetuning:
     print_banner(mesh=mesh, per_host_batch=config.batch_size // jax.process_count(), steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps, compute_dtype=config.compute_dtype)
 
-    model = VideoClassifier(arch, task.num_outputs, config.remat, COMPUTE_DTYPES[config.compute_dtype])
-    tx = make_plateau_adam(config.optimizer, steps_per_epoch)
-    state, state_shardings = sharding.init_sharded(lambda k: init_state(k, model, tx), jax.random.key(config.seed),
-                                                   mesh, config.logical_axis_rules)
+    program = finetuning_program(config, arch, task.task, task.num_outputs, mesh, steps_per_epoch)
+    state = sharding.init_sharded(program.init_state, jax.random.key(config.seed), program.state_shardings, mesh,
+                                  config.logical_axis_rules)
     resuming = checkpoints.is_checkpoint_dir(workdir / checkpoints.CHECKPOINT_SUBDIR)
     if config.init_from and not resuming:  # a resumed run restores its own weights
-        state = _init_encoder(state, state_shardings, config, arch)
+        state = _init_encoder(state, program.state_shardings, config, arch)
     elif not config.init_from:
         logging.warning("config.init_from is empty: fine-tuning an encoder with random weights")
     clip_settings = ClipSettings(arch.num_frames, config.data.temporal_sample_rate, arch.img_size)
     parallelism = Parallelism(config.data.read_threads, config.data.prefetch_batches, config.data.worker_count)
     loader = make_train_loader(task.splits["train"], config.batch_size, config.seed, clip_settings, parallelism)
-    train_step = jax.jit(make_train_step(model, tx, task.task, config.optimizer.learning_rate),
-                         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-    predict = jax.jit(make_predict(model), in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)),
-                      out_shardings=sharding.replicated(mesh))
-    predictor = Predictor(predict, mesh, config.eval_batch_size, config.seed, clip_settings, parallelism)
+    predictor = Predictor(program.predict, mesh, config.eval_batch_size, config.seed, clip_settings, parallelism)
     stop_learning_rate = config.optimizer.stop_learning_rate
 
     def learning_rate_exhausted(current: FinetuneState, step: int) -> bool:
@@ -196,7 +221,7 @@ def build_finetuning(config: ml_collections.ConfigDict, workdir) -> Finetuning:
                 "num_outputs": task.num_outputs, "select_metric": config.select_metric}
     trainer = loop.Trainer(
         name="finetune", workdir=workdir, mesh=mesh, logical_axis_rules=config.logical_axis_rules, state=state,
-        step_fn=lambda s, batch, step: train_step(s, batch), loader=loader, total_steps=total_steps,
+        step_fn=lambda s, batch, step: program.train_step(s, batch), loader=loader, total_steps=total_steps,
         global_batch_size=config.batch_size, cadence=loop.Cadence.from_config(config),
         split_state=_split_state, join_state=_join_state, metadata=metadata, resume_keys=RESUME_KEYS,
         evaluators=[ClassificationEvaluator("val", eval_every, task, "val", predictor)],

@@ -90,6 +90,19 @@ def _iterate(batches: grain.MapDataset, parallelism: Parallelism) -> grain.Datas
     return iter(dataset)
 
 
+def clip_shapes(global_batch_size: int, settings: ClipSettings) -> jax.ShapeDtypeStruct:
+    """The global uint8 clips of a batch (training's "video", and every evaluation batch), as a shape."""
+    return jax.ShapeDtypeStruct((global_batch_size, settings.clip_frames, settings.size, settings.size, 3), np.uint8)
+
+
+def train_batch_shapes(global_batch_size: int, settings: ClipSettings, task: str,
+                       num_outputs: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global training batch that the hosts' loaders (`make_train_loader`) assemble, as shapes: what the train
+    step is compiled for. Labels are int32, one per clip, or one per output for multilabel tasks."""
+    labels = (global_batch_size, num_outputs) if task == "multilabel" else (global_batch_size,)
+    return {"video": clip_shapes(global_batch_size, settings), "label": jax.ShapeDtypeStruct(labels, np.int32)}
+
+
 def make_train_loader(split: LabelledSplit, global_batch_size: int, seed: int, settings: ClipSettings,
                       parallelism: Parallelism = Parallelism()) -> grain.DatasetIterator:
     """An endless iterator of this host's training batches."""

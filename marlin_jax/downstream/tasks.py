@@ -248,6 +248,18 @@ def read_celebvhq_task(root, files_dir: str, suffix: str, attribute: str) -> Lab
     return LabelledTask("multilabel", ATTRIBUTE_COUNTS[attribute], splits, names)
 
 
+def head_width(data_config, task: str) -> int | None:
+    """The head's width (`LabelledTask.num_outputs`) where the config alone decides it; None where only the labels
+    do (a CSV multilabel task's columns, or a multiclass one with num_classes 0)."""
+    if data_config.format == "celebvhq":
+        return ATTRIBUTE_COUNTS.get(data_config.attribute)
+    if task == "binary":
+        return 1
+    if task == "multiclass" and data_config.num_classes > 0:
+        return data_config.num_classes
+    return None
+
+
 def load_task(data_config, task: str, *, files: str) -> LabelledTask:
     """The task a config's `data` block describes; `files` is "features" (.npy) or "videos" (.mp4).
 

@@ -103,8 +103,10 @@ def prepare_batch(settings: StepSettings, batch: dict[str, jax.Array], key: jax.
         scores = jax.random.uniform(decoder_key, masked_idx.shape)
         chosen = jnp.argsort(scores, axis=1)[:, :keep]
         masked_idx = jnp.sort(jnp.take_along_axis(masked_idx, chosen, axis=1), axis=1)
-    target = gather_tokens(patchify(video, arch.tubelet_size, arch.patch_size), masked_idx)
-    return MaskedClips(video, visible_idx, masked_idx, target)
+    # Patches of the uint8 values (exact in bf16, which patchifies in one pass on a TPU), scaled after the gather.
+    pixel_values = batch["video"].astype(jnp.bfloat16)
+    target = gather_tokens(patchify(pixel_values, arch.tubelet_size, arch.patch_size), masked_idx)
+    return MaskedClips(video, visible_idx, masked_idx, target.astype(jnp.float32) / 255.0)
 
 
 def _split_micro_batches(clips: MaskedClips, count: int) -> MaskedClips:

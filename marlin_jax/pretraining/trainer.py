@@ -7,8 +7,11 @@ the pure step. Every key the step draws is `fold_in(base_key, step)`, so a resum
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -145,13 +148,43 @@ def _check_batch_geometry(arch: MarlinArchitecture):
     return check
 
 
+@dataclasses.dataclass(frozen=True)
+class PretrainingProgram:
+    """What a pretraining run puts on its mesh: the state (its init and layout) and the jitted train step
+    `train_step(state, batch, key) -> (state, metrics)`. The trainer runs it; `python -m marlin_jax.aot` compiles
+    the same objects for a TPU slice."""
+
+    settings: StepSettings
+    init_state: Callable[[jax.Array], TrainState]
+    state_shardings: TrainState
+    train_step: Any
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def pretraining_program(config: ml_collections.ConfigDict, arch: MarlinArchitecture, mesh: jax.sharding.Mesh,
+                        steps_per_epoch: int, total_steps: int) -> PretrainingProgram:
+    """The step and state layout for `mesh`; builds and runs nothing on a device."""
+    settings = StepSettings.from_config(config, arch)
+    schedule = learning_rate_schedule(config.learning_rate, config.batch_size, steps_per_epoch, total_steps)
+    generator_tx = make_optimizer(config.optimizer)
+    discriminator_tx = make_optimizer(config.optimizer)
+    init_state = functools.partial(init_train_state, arch=arch, generator_tx=generator_tx,
+                                   discriminator_tx=discriminator_tx)
+    state_shardings = sharding.state_shardings(init_state, mesh, config.logical_axis_rules)
+    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(settings, generator_tx, discriminator_tx, schedule),
+                         in_shardings=(state_shardings, batch_sharding, replicated),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return PretrainingProgram(settings, init_state, state_shardings, train_step, batch_sharding)
+
+
 def build_trainer(config: ml_collections.ConfigDict, workdir) -> loop.Trainer:
     validate_pretrain_config(config)
     workdir = epath.Path(workdir)
     workdir = workdir if "://" in str(workdir) else workdir.absolute()
     arch = MarlinArchitecture.from_dict(config.model.to_dict())
     settings = StepSettings.from_config(config, arch)
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, jax.devices())
     sharding.check_model_fits(arch, mesh)
     sharding.check_batch_fits(config.batch_size, mesh)
     steps_per_epoch, total_steps = schedule_lengths(config)
@@ -164,27 +197,21 @@ def build_trainer(config: ml_collections.ConfigDict, workdir) -> loop.Trainer:
                                    "mesh": dict(mesh.shape), "process_count": jax.process_count(),
                                    "device_count": jax.device_count(), "per_host_batch": per_host_batch})
 
-    schedule = learning_rate_schedule(config.learning_rate, config.batch_size, steps_per_epoch, total_steps)
-    generator_tx = make_optimizer(config.optimizer)
-    discriminator_tx = make_optimizer(config.optimizer)
+    program = pretraining_program(config, arch, mesh, steps_per_epoch, total_steps)
     init_key, base_key = jax.random.split(jax.random.key(config.seed))
-    state, state_shardings = sharding.init_sharded(
-        lambda k: init_train_state(k, arch, generator_tx, discriminator_tx), init_key, mesh, config.logical_axis_rules)
+    state = sharding.init_sharded(program.init_state, init_key, program.state_shardings, mesh,
+                                  config.logical_axis_rules)
     if config.init_from and not checkpoints.is_checkpoint_dir(workdir / checkpoints.CHECKPOINT_SUBDIR):
-        state = init_from(state, state_shardings, config, arch)
+        state = init_from(state, program.state_shardings, config, arch)
     loader = make_pretrain_loader(
         config.data.path, config.data.train_split, config.batch_size, config.seed,
         worker_count=config.data.worker_count, num_frames=arch.num_frames,
         temporal_sample_rate=config.data.temporal_sample_rate, patch_size=arch.patch_size,
         tubelet_size=arch.tubelet_size, shuffle_window=config.data.shuffle_buffer)
-    replicated = sharding.replicated(mesh)
-    train_step = jax.jit(make_train_step(settings, generator_tx, discriminator_tx, schedule),
-                         in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0)
     best = checkpoints.BestRecord(config.best_metric, config.best_mode) if config.best_metric else None
     return loop.Trainer(
         name="pretrain", workdir=workdir, mesh=mesh, logical_axis_rules=config.logical_axis_rules, state=state,
-        step_fn=lambda s, batch, step: train_step(s, batch, jax.random.fold_in(base_key, step)),
+        step_fn=lambda s, batch, step: program.train_step(s, batch, jax.random.fold_in(base_key, step)),
         loader=loader, total_steps=total_steps, global_batch_size=config.batch_size,
         cadence=loop.Cadence.from_config(config), split_state=_split_state, join_state=_join_state,
         metadata={"architecture": arch.to_dict(), "model_name": config.model_name}, resume_keys=RESUME_KEYS,

@@ -20,12 +20,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(shape, axes) -> Mesh:
-    """A mesh over all devices; one -1 in `shape` takes the remaining devices."""
-    shape, axes = tuple(int(s) for s in shape), tuple(axes)
+def make_mesh(shape, axes, devices) -> Mesh:
+    """A mesh over `devices` (the trainer passes `jax.devices()`; `python -m marlin_jax.aot` a TPU slice's
+    compile-only devices, so both lay out the same mesh); one -1 in `shape` takes the remaining devices."""
+    shape, axes, devices = tuple(int(s) for s in shape), tuple(axes), list(devices)
     if len(shape) != len(axes):
         raise ValueError(f"mesh.shape {shape} and mesh.axes {axes} differ in length")
-    devices = jax.devices()
     if shape.count(-1) > 1:
         raise ValueError(f"mesh.shape {shape} may hold at most one -1")
     if -1 in shape:
@@ -36,7 +36,18 @@ def make_mesh(shape, axes) -> Mesh:
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"config.mesh.shape {shape} needs {int(np.prod(shape))} devices, but there are "
                          f"{len(devices)}; use -1 on one axis to take the remaining devices")
-    device_grid = mesh_utils.create_device_mesh(shape, devices)
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if slices > 1:
+        # Slices joined over the data-centre network (multislice): only the data axis spans them, so that only
+        # gradient all-reduces leave a slice's chip-to-chip links.
+        if "data" not in axes or shape[axes.index("data")] % slices:
+            raise ValueError(f"the devices span {slices} TPU slices: the mesh's data axis (mesh.shape {shape}) must "
+                             f"be a multiple of {slices}")
+        across = tuple(slices if axis == "data" else 1 for axis in axes)
+        device_grid = mesh_utils.create_hybrid_device_mesh(tuple(s // a for s, a in zip(shape, across)), across,
+                                                           devices)
+    else:
+        device_grid = mesh_utils.create_device_mesh(shape, devices)
     # Auto axes: flax's logical constraints are hints for the partitioner, not asserts (see NOTES.md).
     return Mesh(device_grid, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
@@ -48,22 +59,32 @@ def activate(mesh: Mesh, rules):
         yield
 
 
-def state_shardings(abstract_boxed_state: Any, mesh: Mesh, rules) -> Any:
-    """NamedShardings for every leaf of an (abstract) state whose params carry logical-axis boxes."""
-    specs = nn.get_partition_spec(abstract_boxed_state)
+def state_shardings(init_fn: Callable[[jax.Array], Any], mesh: Mesh, rules) -> Any:
+    """NamedShardings for every leaf of the state `init_fn(key)` returns (its params in logical-axis boxes),
+    from its shapes alone: nothing runs."""
+    abstract = jax.eval_shape(init_fn, jax.eval_shape(jax.random.key, 0))
+    specs = nn.get_partition_spec(abstract)
     return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(r) for r in rules))
 
 
-def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh, rules) -> tuple[Any, Any]:
-    """Runs `init_fn` (returning a boxed state) so that every array is created already sharded.
+def _unboxed_init(init_fn: Callable[[jax.Array], Any], shardings: Any):
+    return jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)
 
-    Returns the unboxed state and its shardings.
-    """
-    abstract = jax.eval_shape(init_fn, key)
-    shardings = state_shardings(abstract, mesh, rules)
+
+def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, shardings: Any, mesh: Mesh, rules) -> Any:
+    """Runs `init_fn` (returning a boxed state) so that every array is created already sharded; returns the
+    unboxed state."""
     with activate(mesh, rules):
-        state = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(key)
-    return state, shardings
+        return _unboxed_init(init_fn, shardings)(key)
+
+
+def abstract_state(init_fn: Callable[[jax.Array], Any], shardings: Any, mesh: Mesh, rules) -> Any:
+    """What `init_sharded` would create, as ShapeDtypeStructs carrying their NamedShardings, without running
+    anything: the arguments for lowering a step on devices this process cannot run on (a TPU slice described
+    on a CPU host)."""
+    key = jax.eval_shape(jax.random.key, 0)
+    with activate(mesh, rules):
+        return jax.eval_shape(_unboxed_init(init_fn, shardings), key)
 
 
 def check_model_fits(arch, mesh: Mesh) -> None:
@@ -80,14 +101,18 @@ def check_model_fits(arch, mesh: Mesh) -> None:
                          f"({arch.encoder_embed_dim}); choose a config.mesh.shape whose fsdp size divides it")
 
 
+def process_count(mesh: Mesh) -> int:
+    """The processes (hosts) whose devices the mesh spans."""
+    return len({device.process_index for device in mesh.devices.flat})
+
+
 def check_batch_fits(batch_size: int, mesh: Mesh, field: str = "batch_size") -> None:
     """A global batch must split evenly over the data x fsdp devices and over the processes."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % shards or batch_size % jax.process_count():
+    shards, processes = mesh.shape["data"] * mesh.shape["fsdp"], process_count(mesh)
+    if batch_size % shards or batch_size % processes:
         raise ValueError(f"config.{field}={batch_size} does not split over the mesh's data x fsdp axes "
                          f"({mesh.shape['data']} x {mesh.shape['fsdp']} = {shards} devices) and "
-                         f"{jax.process_count()} process(es); pass a multiple of "
-                         f"{int(np.lcm(shards, jax.process_count()))}")
+                         f"{processes} process(es); pass a multiple of {int(np.lcm(shards, processes))}")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
