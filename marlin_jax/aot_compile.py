@@ -339,13 +339,12 @@ def finetuning_programs(config, tpu_slice: Slice, train_clips: int | None,
                         num_outputs: int | None) -> tuple[list[Program], Schedule]:
     """The fine-tuning train step and the evaluation forward, both on the config's mesh over the whole slice."""
     from marlin_jax.downstream.clip_loader import clip_shapes, train_batch_shapes
-    from marlin_jax.downstream.classifier_trainer import COMPUTE_DTYPES, finetuning_program
+    from marlin_jax.downstream.classifier_trainer import finetuning_program
     from marlin_jax.downstream.tasks import TASKS, head_width
     from marlin_jax.video import ClipSettings
     if config.task not in TASKS:
         raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
-    if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"config.compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {config.compute_dtype!r}")
+    sharding.compute_dtype(config.compute_dtype)  # an unknown dtype is named before anything is built
     num_outputs = num_outputs or head_width(config.data, config.task)
     if num_outputs is None:
         raise ValueError("the head's width comes from the labels here (config.data.num_classes is 0 or the task is "

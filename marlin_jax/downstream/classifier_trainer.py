@@ -17,7 +17,6 @@ import json
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -42,7 +41,6 @@ from marlin_jax.training.evaluator_protocol import Evaluation
 from marlin_jax.training.run_control import announce, print_banner
 from marlin_jax.video import ClipSettings
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESULTS_NAME = "results.json"
 RESUME_KEYS = ("architecture", "task", "num_outputs", "select_metric")
 
@@ -58,7 +56,8 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
         (data.format != "celebvhq" or bool(data.root), "config.data.root is empty"),
         (config.select_metric in SELECTABLE.get(config.task, ()),
          f"config.select_metric must be one of {SELECTABLE.get(config.task)}, got {config.select_metric!r}"),
-        (config.compute_dtype in COMPUTE_DTYPES, f"config.compute_dtype must be one of {tuple(COMPUTE_DTYPES)}"),
+        (config.compute_dtype in sharding.COMPUTE_DTYPES,
+         f"config.compute_dtype must be one of {tuple(sharding.COMPUTE_DTYPES)}"),
         (data.temporal_sample_rate >= 1, "config.data.temporal_sample_rate must be >= 1"),
     ]
     for field in ("batch_size", "eval_batch_size", "num_epochs"):
@@ -134,9 +133,7 @@ def _init_encoder(state: FinetuneState, shardings: FinetuneState, config, arch: 
     the sharded layout on every host."""
     encoder = load_weights(arch, config.init_from,
                            trust_pickled_checkpoint=config.trust_pickled_checkpoint).generator["encoder"]
-    placed = jax.tree_util.tree_map(
-        lambda value, target: jax.make_array_from_callback(np.shape(value), target, lambda index: value[index]),
-        encoder, shardings.params["encoder"])
+    placed = sharding.place_host_tree(encoder, shardings.params["encoder"])
     announce(f"initialised the encoder from {config.init_from}")
     return state.replace(params={**state.params, "encoder": placed})
 
@@ -157,7 +154,7 @@ class FinetuningProgram:
 def finetuning_program(config: ml_collections.ConfigDict, arch: MarlinArchitecture, task: str, num_outputs: int,
                        mesh: jax.sharding.Mesh, steps_per_epoch: int) -> FinetuningProgram:
     """The step, the predictor and the state layout for `mesh`; builds and runs nothing on a device."""
-    model = VideoClassifier(arch, num_outputs, config.remat, COMPUTE_DTYPES[config.compute_dtype])
+    model = VideoClassifier(arch, num_outputs, config.remat, sharding.compute_dtype(config.compute_dtype))
     tx = make_plateau_adam(config.optimizer, steps_per_epoch)
     init = functools.partial(init_state, model=model, tx=tx)
     state_shardings = sharding.state_shardings(init, mesh, config.logical_axis_rules)

@@ -26,6 +26,7 @@ from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.model import MarlinMAE, PatchDiscriminator, gather_tokens, patchify
 from marlin_jax.pretraining import losses
 from marlin_jax.pretraining.state import TrainState
+from marlin_jax.training import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +53,6 @@ class StepSettings:
     def from_config(cls, config, arch: MarlinArchitecture) -> "StepSettings":
         if not 0 < config.mask_percentage_target < 1:
             raise ValueError(f"mask_percentage_target must lie in (0, 1), got {config.mask_percentage_target}")
-        dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-        if config.compute_dtype not in dtypes:
-            raise ValueError(f"compute_dtype must be one of {', '.join(dtypes)}, got {config.compute_dtype!r}")
         ratio = config.decoder_mask_ratio
         if ratio is not None and not 0 < ratio <= 1:
             raise ValueError(f"decoder_mask_ratio must lie in (0, 1] or be None, got {ratio}")
@@ -69,7 +67,7 @@ class StepSettings:
                    adv_loss=config.adv_loss, adv_weight=config.adv_weight,
                    adv_warmup_steps=config.get("adv_warmup_steps", 0), gp_weight=config.gp_weight,
                    d_steps=config.d_steps, g_steps=config.g_steps, grad_accum_steps=config.grad_accum_steps,
-                   compute_dtype=dtypes[config.compute_dtype], remat=config.remat)
+                   compute_dtype=sharding.compute_dtype(config.compute_dtype), remat=config.remat)
 
     @property
     def num_visible(self) -> int:

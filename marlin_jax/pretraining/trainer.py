@@ -90,23 +90,16 @@ def write_config(workdir: epath.Path, config, resolved: dict) -> None:
                                                        "resolved": resolved}, indent=2))
 
 
-def _place(host_tree, shardings):
-    """Host numpy arrays -> global arrays in `shardings`; every host passes the same values and keeps its shards."""
-    return jax.tree_util.tree_map(
-        lambda value, target: jax.make_array_from_callback(np.shape(value), target, lambda index: value[index]),
-        host_tree, shardings)
-
-
 def init_from(state: TrainState, shardings: TrainState, config, arch: MarlinArchitecture) -> TrainState:
     """Official MARLIN / VideoMAE weights (or another run's checkpoint) as the starting generator, loaded on every
     host and placed straight into the sharded layout (no host ever gathers the state)."""
     weights = load_weights(arch, config.init_from, trust_pickled_checkpoint=config.trust_pickled_checkpoint)
     # An encoder-only file keeps the fresh decoder.
-    generator = {**state.generator, **_place(weights.generator,
+    generator = {**state.generator, **sharding.place_host_tree(weights.generator,
                                              {name: shardings.generator[name] for name in weights.generator})}
     state = state.replace(generator=generator)
     if weights.discriminator is not None:
-        state = state.replace(discriminator=_place(weights.discriminator, shardings.discriminator))
+        state = state.replace(discriminator=sharding.place_host_tree(weights.discriminator, shardings.discriminator))
     announce(f"initialised {', '.join(sorted(weights.generator))} from {config.init_from}")
     return state
 

@@ -13,11 +13,14 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("data", "fsdp")
+# config.compute_dtype: the dtype activations and matmuls run in (parameters stay float32).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def make_mesh(shape, axes, devices) -> Mesh:
@@ -128,3 +131,18 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def compute_dtype(name: str):
+    """config.compute_dtype's value as a dtype; an unknown name is named with the choices."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"config.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[name]
+
+
+def place_host_tree(host_tree, shardings):
+    """Host numpy arrays -> global arrays in `shardings`: every host passes the same values and keeps only its own
+    shards, so no host ever holds (or gathers) a sharded array whole."""
+    return jax.tree_util.tree_map(
+        lambda value, target: jax.make_array_from_callback(np.shape(value), target, lambda index: value[index]),
+        host_tree, shardings)
