@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 
+# This process only starts the compiles; its JAX (for the machine block) stays on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import mfu  # noqa: E402  (benchmarks/ is not a package; its machine() block)
 

@@ -200,8 +200,9 @@ def _compiler_bytes(text: str) -> int:
 
 
 def out_of_memory(message: str, chip: Chip) -> dict[str, Any]:
-    """What the TPU compiler's RESOURCE_EXHAUSTED error says about a program too big for HBM: it stops before
-    it has a memory analysis, so the sizes are those the message names."""
+    """What the TPU compiler's RESOURCE_EXHAUSTED error says: it stops before it has a memory analysis, so the
+    sizes are those the message names, when it names the HBM (the on-chip scoped memory of one operation can
+    run out too)."""
     required = re.search(r"required for HLO temporaries \((\d+(?:\.\d+)?[KMGT])\)", message)
     available = re.search(r"available HBM \((\d+(?:\.\d+)?[KMGT])\)", message)
     used = re.search(r"Used (\d+(?:\.\d+)?[KMGT]) of (\d+(?:\.\d+)?[KMGT]) hbm", message)
@@ -214,7 +215,7 @@ def out_of_memory(message: str, chip: Chip) -> dict[str, Any]:
     if available or used:
         memory["capacity"] = _compiler_bytes((available or used)[1 if available else 2])
     return {"fits": False, "hbm_per_chip_bytes": memory, "xla_flops_per_chip": None, "collectives": None,
-            "attention": None, "compiler_error": message.strip().splitlines()[0]}
+            "attention": None, "compiler_error": " ".join(message.strip().splitlines()[:2])[:400]}
 
 
 def compile_program(program: Program, chip: Chip, hlo_dir: str | None = None) -> dict[str, Any]:
@@ -470,9 +471,11 @@ def shortfall(report: dict[str, Any]) -> str | None:
     parts = []
     for name, program in short.items():
         memory = program["hbm_per_chip_bytes"]
-        missing = None if memory["total"] is None else memory["total"] - memory["capacity"]
+        if memory["total"] is None:
+            parts.append(f"{name} does not compile: {program['compiler_error']}")
+            continue
         parts.append(f"{name} needs {_gib(memory['total'])} of HBM per chip, a {report['chip']} has "
-                     f"{_gib(memory['capacity'])}: {_gib(missing)} short")
+                     f"{_gib(memory['capacity'])}: {_gib(memory['total'] - memory['capacity'])} short")
     levers = []
     if any(name != "extract_features" for name in short):
         mesh = report["mesh"]

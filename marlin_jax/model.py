@@ -4,7 +4,8 @@ Numerics follow the official PyTorch MARLIN exactly: pre-norm ViT blocks with q 
 exact (erf) GELU, LayerNorm eps 1e-5, tubelet tokens ordered (t, h, w), a fixed 1-D sin-cos table over all
 tokens, the decoder appending mask tokens after the visible ones and predicting only the masked tokens.
 
-Videos are channels-last, (B, T, H, W, 3) floats in [0, 1]. Masks enter as index arrays (see
+Videos are channels-last, (B, T, H, W, 3): floats in [0, 1], or uint8 pixel values, which the encoder patchifies
+as they are and scales after (the loaders' clips). Masks enter as index arrays (see
 `marlin_jax.masking.mask_to_indices`): their shapes carry the static visible-token count that XLA needs.
 
 Every parameter and the main activations carry logical axis names ("batch", "length", "embed", "mlp",
@@ -61,9 +62,8 @@ def patchify(video: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
     CPU and GPU reshape and transpose. A TPU lays out an array's two last dimensions in tiles of 8 x 128, so
     the transpose's 8-D intermediates, whose last dimensions are 16 and 3, take 8 times their size (2.5 GiB per
     v5e chip for ViT-B's float32 reconstruction target at 16 clips); there a strided convolution with a one-hot
-    kernel writes the (B, N, patch_dim) patches directly (`_patchify_by_convolution`: a sixth of the
-    temporaries and a third of the memory traffic of the transpose, by the TPU compiler's analysis of 16 bf16
-    clips).
+    kernel writes each clip's (N, patch_dim) patches directly (`_patchify_by_convolution`: no temporaries where
+    the transpose took 1.2 GiB for 16 bf16 clips, and two-thirds of its memory traffic, by the TPU compiler).
     """
     return jax.lax.platform_dependent(
         video, cpu=functools.partial(_patchify_by_transpose, tubelet_size=tubelet_size, patch_size=patch_size),
@@ -72,24 +72,43 @@ def patchify(video: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
 
 
 def _patchify_by_convolution(video: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
-    """`patchify` as one strided convolution with a one-hot kernel that copies input value (t, i, j, c) to output
-    feature (c, t, i, j). Each patch row's (pixel, channel) values are adjacent in the video, so they enter as
-    the convolution's input features (16 x 3 = 48, where 3 channels alone would pad to 128 lanes) and the
-    convolution spans frames and rows only. Exact: every output is one value times 1, accumulated in float32,
-    at the HIGHEST precision (float32 video takes several passes; bf16 video, or integer pixel values cast to
-    bf16, one)."""
-    b, t, h, w, c = video.shape
+    """`patchify` one clip at a time (`lax.map`; under a mesh inside `shard_map`, on each chip's own clips): with
+    the batch in the convolution, the TPU compiler relays the whole input out first, which took more on-chip
+    scoped memory than it has from 32 clips per chip on."""
+    def each_clip(clips):
+        return jax.lax.map(functools.partial(_patchify_clip_by_convolution, tubelet_size=tubelet_size,
+                                             patch_size=patch_size), clips)
+    return _per_chip(each_clip, (video,), (("batch", None, None, None, None),), ("batch", None, None))
+
+
+def _patchify_clip_by_convolution(clip: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
+    """One clip (T, H, W, C) -> (N, patch_dim) by a strided convolution whose one-hot kernel copies input value
+    (t, i, j, c) to output feature (c, t, i, j). A patch row's (pixel, channel) values are adjacent in the clip,
+    so they enter as the input features (16 x 3 = 48, where 3 channels alone would pad to 128 lanes) and the
+    convolution spans frames and rows only. It copies bf16 values in one pass, exactly (each output is one value
+    times 1, accumulated in float32); bf16 also holds 8-bit pixel values exactly, and a float32 value is the sum
+    of three bf16 parts (8 of its 24 significant bits each), copied one by one."""
+    t, h, w, c = clip.shape
     row = patch_size * c
     patch_dim = tubelet_size * patch_size * row
     # one_hot[t, i, 0, j * c + ch, feature (ch, t, i, j)] = 1
     one_hot = np.eye(patch_dim, dtype=np.float32).reshape(c, tubelet_size, patch_size, patch_size, patch_dim)
     one_hot = one_hot.transpose(1, 2, 3, 0, 4).reshape(tubelet_size, patch_size, 1, row, patch_dim)
-    patches = jax.lax.conv_general_dilated(
-        video.reshape(b, t, h, w // patch_size, row), jnp.asarray(one_hot, video.dtype),
-        window_strides=(tubelet_size, patch_size, 1), padding="VALID",
-        dimension_numbers=("NTHWC", "THWIO", "NTHWC"), precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32)
-    return patches.reshape(b, -1, patch_dim).astype(video.dtype)
+    kernel = jnp.asarray(one_hot, jnp.bfloat16)
+
+    def copy(values: jax.Array) -> jax.Array:
+        patches = jax.lax.conv_general_dilated(
+            values.reshape(1, t, h, w // patch_size, row), kernel, window_strides=(tubelet_size, patch_size, 1),
+            padding="VALID", dimension_numbers=("NTHWC", "THWIO", "NTHWC"), preferred_element_type=jnp.float32)
+        return patches.reshape(-1, patch_dim)
+
+    if clip.dtype in (jnp.bfloat16, jnp.uint8, jnp.int8):
+        return copy(clip.astype(jnp.bfloat16)).astype(clip.dtype)
+    rest, patches = clip.astype(jnp.float32), 0.0
+    for _ in range(3):
+        part = rest.astype(jnp.bfloat16)
+        patches, rest = patches + copy(part), rest - part.astype(jnp.float32)
+    return patches.astype(clip.dtype)
 
 
 def _patchify_by_transpose(video: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
@@ -241,20 +260,27 @@ def splash_attention(q, k, v, scale: float, interpret: bool = False):
     if padded != tokens:
         q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, padded - tokens), (0, 0))) for x in (q, k, v))
     attend = functools.partial(_splash_per_chip, tokens=tokens, interpret=interpret)
+    axes = ("batch", "heads", None, None)
+    return _per_chip(attend, (q, k, v), (axes,) * 3, axes)[:, :, :tokens]
+
+
+def _per_chip(fn, operands: tuple, operand_axes: tuple, result_axes: tuple):
+    """`fn(*operands)`, and under a mesh inside `shard_map`, on each chip's own part: the operands' dimensions named
+    by logical axes ("batch", "heads") split as the logical-axis rules in effect place them, except where the mesh
+    axes do not divide the dimension (a batch of one clip at init, say), which stays whole. For what XLA's
+    partitioner cannot split itself: a Pallas kernel, or a loop over the batch."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        spec = _dividing_spec(nn.logical_to_mesh_axes(("batch", "heads", None, None)), q.shape, mesh)
-        attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
-    return attend(q, k, v)[:, :, :tokens]
-
-
-def _dividing_spec(spec, shape, mesh) -> jax.sharding.PartitionSpec:
-    """`spec` without the mesh axes that do not divide their dimension (a batch of one clip at init, say): those
-    dimensions stay whole on every chip."""
-    def divides(axes, size):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        return size % int(np.prod([mesh.shape[a] for a in axes])) == 0
-    return jax.sharding.PartitionSpec(*(axes if divides(axes, size) else None for axes, size in zip(spec, shape)))
+    if mesh.empty:
+        return fn(*operands)
+    placement = {}
+    for operand, names in zip(operands, operand_axes):
+        for name, mesh_axes, size in zip(names, nn.logical_to_mesh_axes(names), operand.shape):
+            if name is not None:
+                split = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+                placement[name] = mesh_axes if size % int(np.prod([mesh.shape[a] for a in split])) == 0 else None
+    spec = lambda names: jax.sharding.PartitionSpec(*(placement.get(name) for name in names))
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(names) for names in operand_axes),
+                         out_specs=spec(result_axes), check_vma=False)(*operands)
 
 
 @functools.cache
@@ -465,12 +491,18 @@ class MarlinEncoder(nn.Module):
 
     def embed(self, video, token_idx=None):
         """Patch + position embedding of all tokens, or only of `token_idx` (B, K): embedding is per token, so
-        gathering the pixels first skips the 90% of the patch-embedding matmul that masking would discard."""
-        patches = patchify(video.astype(self.dtype), self.arch.tubelet_size, self.arch.patch_size)
+        gathering the pixels first skips the 90% of the patch-embedding matmul that masking would discard.
+        uint8 video is patchified as bytes (a quarter of float32's to move) and scaled to [0, 1] after the
+        gather, to the same values as float video."""
+        pixel_values = jnp.issubdtype(video.dtype, jnp.integer)
+        patches = patchify(video if pixel_values else video.astype(self.dtype), self.arch.tubelet_size,
+                           self.arch.patch_size)
         table = self.pos_embedding().astype(self.dtype)[None]
         if token_idx is not None:
             patches = gather_tokens(patches, token_idx)
             table = gather_tokens(jnp.broadcast_to(table, (patches.shape[0], *table.shape[1:])), token_idx)
+        if pixel_values:
+            patches = (patches.astype(jnp.float32) / 255).astype(self.dtype)
         tokens = self.patch_embedding(patches) + table
         return nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
 
@@ -561,10 +593,8 @@ def init_params(key: jax.Array, arch: MarlinArchitecture) -> tuple[Any, Any]:
 
 @functools.partial(jax.jit, static_argnames=("arch", "keep_seq"))
 def encode_clips(encoder_params, clips: jax.Array, arch: MarlinArchitecture, keep_seq: bool) -> jax.Array:
-    """Encoder features of clips (B, T, H, W, 3): floats in [0, 1], or uint8 (divided by 255 here, so a
+    """Encoder features of clips (B, T, H, W, 3): floats in [0, 1], or uint8 (scaled by the encoder, so a
     host-to-accelerator copy moves a quarter of the bytes). -> (B, D), or (B, N, D) with keep_seq."""
-    if clips.dtype == jnp.uint8:
-        clips = clips.astype(jnp.float32) / 255
     return MarlinEncoder(arch).apply({"params": encoder_params}, clips, keep_seq,
                                      method=MarlinEncoder.extract_features)
 

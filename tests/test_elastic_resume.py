@@ -16,6 +16,7 @@ import pytest
 
 from marlin_jax.config_files import load_config
 from marlin_jax.pretraining.trainer import train_and_evaluate
+from marlin_jax.training import sharding
 from tiny_pretraining import (
     LOSSES,
     REPO_ROOT,
@@ -99,7 +100,8 @@ def test_a_batch_that_does_not_split_over_the_devices_is_named_before_compiling(
 
 def test_a_batch_that_does_not_split_over_the_processes_is_named_before_compiling(monkeypatch, tmp_path):
     monkeypatch.setattr(jax, "jit", _fail_on_compile)
-    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    # The processes are those whose devices the mesh spans (sharding.process_count); three, as on three hosts.
+    monkeypatch.setattr(sharding, "process_count", lambda mesh: 3)
     config = load_config(TINY_CONFIG)
     config.data.path = str(tmp_path / "no_data")
     with pytest.raises(ValueError, match=r"config.batch_size=4 does not split .* and 3 process\(es\); pass a "

@@ -29,7 +29,8 @@ Params = Any
 
 
 class VideoClassifier(nn.Module):
-    """(B, T, H, W, 3) floats in [0, 1] -> (B, num_outputs) float32 logits. Params: {"encoder", "head"}."""
+    """(B, T, H, W, 3) uint8 clips (or floats in [0, 1]) -> (B, num_outputs) float32 logits.
+    Params: {"encoder", "head"}."""
 
     arch: MarlinArchitecture
     num_outputs: int
@@ -65,16 +66,12 @@ def learning_rate(opt_state: optax.OptState, base_learning_rate: float) -> jax.A
     return base_learning_rate * plateau_scale(opt_state)
 
 
-def to_unit_range(video: jax.Array) -> jax.Array:
-    return video.astype(jnp.float32) / 255.0
-
-
 def make_train_step(model: VideoClassifier, tx: optax.GradientTransformationExtraArgs, task: str,
                     base_learning_rate: float):
     """Returns the pure `train_step(state, batch)`; batch {"video": uint8 (B,T,H,W,3), "label": int}."""
 
     def loss_fn(params, batch):
-        return head_loss(task, model.apply({"params": params}, to_unit_range(batch["video"])), batch["label"])
+        return head_loss(task, model.apply({"params": params}, batch["video"]), batch["label"])
 
     def train_step(state: FinetuneState, batch: dict[str, jax.Array]):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
@@ -90,4 +87,4 @@ def make_train_step(model: VideoClassifier, tx: optax.GradientTransformationExtr
 
 def make_predict(model: VideoClassifier):
     """`predict(params, video uint8) -> logits (B, outputs)`; jit it with shardings outside."""
-    return lambda params, video: model.apply({"params": params}, to_unit_range(video))
+    return lambda params, video: model.apply({"params": params}, video)

@@ -76,7 +76,7 @@ def _per_clip_losses(settings: StepSettings, generator_params, discriminator_par
     # Patch vectors are (channel, time, row, col) flattened; the baseline predicts each masked value as the
     # mean of the visible pixels of its channel.
     patches = patchify(clips.video, arch.tubelet_size, arch.patch_size)
-    visible = gather_tokens(patches, clips.visible_idx)
+    visible = gather_tokens(patches, clips.visible_idx).astype(jnp.float32) / 255
     channel_mean = visible.reshape(*visible.shape[:2], 3, -1).mean(axis=(1, 3))  # (B, 3)
     baseline_pred = jnp.repeat(channel_mean, arch.patch_dim // 3, axis=-1)[:, None, :]
     baseline = jnp.mean(jnp.square(baseline_pred - target), axis=(1, 2))
@@ -116,7 +116,7 @@ class ReconstructionEvaluator:
     def _first_clip_reconstruction(self, generator, discriminator, batch, key):
         clips = prepare_batch(self.settings, batch, key)
         _, pred = _per_clip_losses(self.settings, generator, discriminator, clips)
-        return clips.video[:self.num_images], clips.visible_idx[:self.num_images], \
+        return clips.video[:self.num_images].astype(jnp.float32) / 255, clips.visible_idx[:self.num_images], \
             clips.masked_idx[:self.num_images], pred[:self.num_images]
 
     def _clips(self):
@@ -204,7 +204,7 @@ class LinearProbeEvaluator:
         self.clip_settings = ClipSettings(self.arch.num_frames, config.data.temporal_sample_rate, self.arch.img_size)
         encoder = MarlinEncoder(self.arch, dtype=settings.compute_dtype)
         self._features = jax.jit(
-            lambda params, video: encoder.apply({"params": params}, video.astype(jnp.float32) / 255, False,
+            lambda params, video: encoder.apply({"params": params}, video, False,
                                                 method=MarlinEncoder.extract_features).astype(jnp.float32),
             out_shardings=sharding.replicated(mesh))
 
