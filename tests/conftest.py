@@ -25,7 +25,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _SESSION_COMPILE_CACHE, ignore_errors=True)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLES_DIR = REPO_ROOT.parent / "shared" / "data" / "marlin_samples"
+# Real face videos (not in the repository): the folder named by $MARLIN_SAMPLES_DIR, else this default beside the
+# checkout.
+SAMPLES_DIR_VARIABLE = "MARLIN_SAMPLES_DIR"
+DEFAULT_SAMPLES_DIR = REPO_ROOT.parent / "shared" / "data" / "marlin_samples"
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +76,17 @@ def marlin_pytorch(torch):
 
 @pytest.fixture(scope="session")
 def samples_dir() -> pathlib.Path:
-    if not SAMPLES_DIR.is_dir():
-        pytest.skip(f"sample videos not found at {SAMPLES_DIR}")
-    return SAMPLES_DIR
+    """The sample face videos. A folder named in $MARLIN_SAMPLES_DIR must hold them (the tests fail otherwise);
+    without the variable the tests that need them skip when the default folder is absent."""
+    configured = os.environ.get(SAMPLES_DIR_VARIABLE)
+    if configured:
+        folder = pathlib.Path(configured)
+        if not any(folder.glob("cropped*.mp4")):
+            pytest.fail(f"${SAMPLES_DIR_VARIABLE}={configured} holds no sample videos (cropped*.mp4)")
+        return folder
+    if not DEFAULT_SAMPLES_DIR.is_dir():
+        pytest.skip(f"sample videos not found at {DEFAULT_SAMPLES_DIR}; set ${SAMPLES_DIR_VARIABLE} to their folder")
+    return DEFAULT_SAMPLES_DIR
 
 
 TFDATA_PYTHON_VARIABLE = "MARLIN_TFDATA_PYTHON"

@@ -27,15 +27,19 @@ DISK_BYTES = 8 * 2**20
 NUM_VIDEOS = 6
 
 
+# These tests fail, never skip, where no tmpfs can be mounted: what they check is promised, and CI runs them.
+NEEDS_MOUNT = ("needs to mount a small tmpfs, which takes root: run the tests as root (CI does), or as a user "
+               "inside a user and mount namespace: `unshare --user --map-root-user --mount python -m pytest ...`")
+
+
 def _tmpfs(mount_point: Path, size: int) -> Iterator[Path]:
     mount_point.mkdir()
     if shutil.which("mount") is None:
-        pytest.skip("needs `mount` to make a small tmpfs")
+        pytest.fail(f"{NEEDS_MOUNT}; `mount` is not installed")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
                              capture_output=True, text=True)
     if mounted.returncode:
-        pytest.skip(f"needs a small tmpfs; mounting one was refused (needs root where mounts are permitted): "
-                    f"{mounted.stderr.strip()}")
+        pytest.fail(f"{NEEDS_MOUNT}; mount said: {mounted.stderr.strip()}")
     yield mount_point
     subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
 
