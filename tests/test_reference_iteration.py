@@ -22,6 +22,8 @@ from marlin_jax.pretraining.step import StepSettings, make_train_step, prepare_b
 from marlin_jax.training.schedules import learning_rate_schedule
 from official_lr import official_lr_curve
 
+pytestmark = pytest.mark.slow
+
 ARCH = VIT_TINY
 BATCH = 2
 ITERATIONS = 2
