@@ -149,7 +149,7 @@ def small_demo_shards(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_reference_run(small_demo_shards, tmp_path_factory) -> pathlib.Path:
     """The workdir of an uninterrupted tiny run on `small_demo_shards` (`python -m marlin_jax.train`,
-    tiny_pretraining.REFERENCE_RUN): every step logged and checkpointed, validation every 2 steps. Resume tests
+    tiny_pretraining.REFERENCE_RUN): every step logged and checkpointed, validation at steps 4 and 6. Resume tests
     compare their runs with it; copy it (tiny_pretraining.copy_run_until) to continue from one of its steps."""
     from tiny_pretraining import REFERENCE_RUN, run_train
     return built_once(tmp_path_factory, "tiny_reference_run",

@@ -111,7 +111,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(small_demo_shards, tin
         for key in LOSSES:
             assert resumed[step][key] == reference[step][key], (step, key)
     val_steps = [step for step in reference if "val/loss" in reference[step]]
-    assert val_steps == [2, 4, 6]
+    assert val_steps == [4, 6]
     for step in val_steps:
         for key in VAL_LOSSES:
             assert resumed[step][key] == reference[step][key], (step, key)
