@@ -96,7 +96,7 @@ def entry_instructions(hlo: str) -> list[dict]:
 
 def peak_live_buffers(hlo: str) -> dict:
     instructions = entry_instructions(hlo)
-    position = {inst["name"]: index for index, inst in enumerate(instructions)}
+    {inst["name"]: index for index, inst in enumerate(instructions)}
     owners: dict[str, list[str]] = {}  # instruction -> the buffers its value lives in
     last_use: dict[str, int] = {}
     buffers: dict[str, dict] = {}

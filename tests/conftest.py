@@ -1,9 +1,14 @@
-"""Shared fixtures: PyTorch and the official PyTorch MARLIN as references, the sample videos, and a Python
-with TensorFlow for the tf.data cross-read."""
+"""Shared fixtures: PyTorch and the official PyTorch MARLIN as references, the sample videos, a Python with
+TensorFlow for the tf.data cross-read, and what several test files train on, built once per session: the 32 px
+demo shards and one uninterrupted tiny pretraining run (tests/tiny_pretraining.py), and colour-cast videos for
+fine-tuning and probes (tests/synthetic_videos.py).
+
+Session fixtures are read-only: a test that damages, extends or resumes one works on a copy."""
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import importlib.util
 import os
 import pathlib
@@ -24,13 +29,23 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     atexit.register(shutil.rmtree, _SESSION_COMPILE_CACHE, ignore_errors=True)
 
+# XLA:CPU compiles the session's programs without LLVM's optimisations, in this process and every process the
+# tests start (inherited through XLA_FLAGS): the tests' tiny programs spend far more time compiling than running,
+# and compile in about 40% less CPU time; the matmuls call the same library kernels either way. A level the
+# caller set is kept (XLA_FLAGS=--xla_backend_optimization_level=2 runs the suite as users compile).
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
 # The tests run on the CPU, and so does every process they start. The test extra installs libtpu (for
 # tests/test_aot.py, which compiles for TPU slices without running anything); without a pinned platform, JAX would
 # try to start a TPU backend in every process and log libtpu's complaints before falling back to the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLES_DIR = REPO_ROOT.parent / "shared" / "data" / "marlin_samples"
+# Real face videos (not in the repository): the folder named by $MARLIN_SAMPLES_DIR, else this default beside the
+# checkout.
+SAMPLES_DIR_VARIABLE = "MARLIN_SAMPLES_DIR"
+DEFAULT_SAMPLES_DIR = REPO_ROOT.parent / "shared" / "data" / "marlin_samples"
 
 
 @pytest.fixture(scope="session")
@@ -78,9 +93,17 @@ def marlin_pytorch(torch):
 
 @pytest.fixture(scope="session")
 def samples_dir() -> pathlib.Path:
-    if not SAMPLES_DIR.is_dir():
-        pytest.skip(f"sample videos not found at {SAMPLES_DIR}")
-    return SAMPLES_DIR
+    """The sample face videos. A folder named in $MARLIN_SAMPLES_DIR must hold them (the tests fail otherwise);
+    without the variable the tests that need them skip when the default folder is absent."""
+    configured = os.environ.get(SAMPLES_DIR_VARIABLE)
+    if configured:
+        folder = pathlib.Path(configured)
+        if not any(folder.glob("cropped*.mp4")):
+            pytest.fail(f"${SAMPLES_DIR_VARIABLE}={configured} holds no sample videos (cropped*.mp4)")
+        return folder
+    if not DEFAULT_SAMPLES_DIR.is_dir():
+        pytest.skip(f"sample videos not found at {DEFAULT_SAMPLES_DIR}; set ${SAMPLES_DIR_VARIABLE} to their folder")
+    return DEFAULT_SAMPLES_DIR
 
 
 TFDATA_PYTHON_VARIABLE = "MARLIN_TFDATA_PYTHON"
@@ -101,3 +124,58 @@ def tfdata_python() -> str:
         return sys.executable
     pytest.skip(f"the tf.data cross-read needs TensorFlow: set {TFDATA_PYTHON_VARIABLE} to a Python with "
                 "tensorflow-cpu (.ci/run makes one)")
+
+
+def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+    """`<folder>` after `build(folder)`, run once for the whole test run: also when pytest-xdist runs the tests in
+    several worker processes, whose temporary folders share a parent. The first to ask builds it, holding a lock;
+    the others wait and reuse it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            build(folder)
+            (root / f"{name}.done").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_demo_shards(tmp_path_factory) -> pathlib.Path:
+    """6 demo videos (`<shards>/../videos`) built into 32 px shards: 5 train clips in 3 shards, 1 val clip."""
+    from tiny_pretraining import make_small_demo
+    return built_once(tmp_path_factory, "small_demo", make_small_demo) / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_run(small_demo_shards, tmp_path_factory) -> pathlib.Path:
+    """The workdir of an uninterrupted tiny run on `small_demo_shards` (`python -m marlin_jax.train`,
+    tiny_pretraining.REFERENCE_RUN): every step logged and checkpointed, validation at steps 4 and 6. Resume tests
+    compare their runs with it; copy it (tiny_pretraining.copy_run_until) to continue from one of its steps."""
+    from tiny_pretraining import REFERENCE_RUN, run_train
+    return built_once(tmp_path_factory, "tiny_reference_run",
+                      lambda workdir: run_train(workdir, small_demo_shards, *REFERENCE_RUN))
+
+
+@pytest.fixture(scope="session")
+def colour_csv(tmp_path_factory) -> pathlib.Path:
+    """A labelled CSV of 64 px videos whose binary class is a colour cast (32 train, 12 val, 12 test)."""
+    from synthetic_videos import write_colour_csv
+    folder = built_once(tmp_path_factory, "colour",
+                        lambda root: write_colour_csv(root, {"train": 32, "val": 12, "test": 12}))
+    return folder / "videos.csv"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow tests run first, each file's tests together and in their order: with pytest-xdist
+    (`--dist loadfile` hands out whole files) the long files start at once and the quick ones fill in at the end."""
+    files = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+    has_slow = {path: any(item.get_closest_marker("slow") for item in tests) for path, tests in files.items()}
+    items[:] = [item for path in sorted(files, key=lambda path: not has_slow[path]) for item in files[path]]
+

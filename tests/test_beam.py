@@ -28,6 +28,8 @@ from marlin_jax.data.pipeline import make_pretrain_loader  # noqa: E402
 from marlin_jax.data.tfrecord import read_records  # noqa: E402
 from marlin_jax.faces import FaceCropper, FrameCrop  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CROP = 112  # small crops keep the test fast; the pipeline does not depend on the size
 NUM_DEMO_VIDEOS = 6
 MULTI_PROCESS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]

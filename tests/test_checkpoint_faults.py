@@ -7,18 +7,17 @@ folder, never a half-written numbered one. Every file a restore reads fails loud
 others (`_CHECKPOINT_METADATA`, the commit markers, `_sharding`) restore the same arrays without them, so a step
 missing only those is intact. Resume falls back past damaged steps to the newest intact one, warning with each
 name; pretraining and fine-tuning then reproduce the uninterrupted run, and export takes the newest intact step.
+Pretraining damages copies of the session's reference run (tests/tiny_pretraining.py, conftest.py).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import pathlib
 import shutil
 import subprocess
 import sys
 
-import av
 import jax
 import numpy as np
 import pytest
@@ -28,35 +27,32 @@ from marlin_jax.training import checkpoints
 from marlin_jax.interop import saved_models
 from tiny_pretraining import (
     LOSSES,
+    REFERENCE_RUN,
     REPO_ROOT,
     copy_run_until,
-    make_small_demo,
     read_metrics,
     run_env,
     run_train,
     without_timing,
 )
 
-REFERENCE_RUN = ("--config.total_steps=6", "--config.checkpoint_every=1", "--config.keep_checkpoints=10",
-                 "--config.evals.val.every=0")
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    return run_env(tmp_path_factory.mktemp("compile_cache"))
+def env() -> dict[str, str]:
+    return run_env()
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> pathlib.Path:
-    return make_small_demo(tmp_path_factory.mktemp("demo"))
+def shards(small_demo_shards) -> pathlib.Path:
+    return small_demo_shards
 
 
 @pytest.fixture(scope="module")
-def reference(shards, env, tmp_path_factory) -> pathlib.Path:
-    """An uninterrupted run of 6 steps with a checkpoint after each."""
-    workdir = tmp_path_factory.mktemp("reference")
-    run_train(workdir, shards, *REFERENCE_RUN, env=env)
-    return workdir
+def reference(tiny_reference_run) -> pathlib.Path:
+    """An uninterrupted run of 6 steps with a checkpoint after each (the session's; read only)."""
+    return tiny_reference_run
 
 
 def largest_file(folder: pathlib.Path) -> pathlib.Path:
@@ -167,34 +163,6 @@ def test_a_data_iterator_resumed_twice_yields_the_uninterrupted_batches(shards):
 FINETUNE_CONFIG = str(REPO_ROOT / "configs/finetune/csv.py") + ":binary,tiny"
 FINETUNE_RUN = ("--config.total_steps=4", "--config.checkpoint_every=1", "--config.keep_checkpoints=10",
                 "--config.eval_every=4", "--config.log_every=1", "--config.select_metric=acc")
-
-
-@pytest.fixture(scope="module")
-def colour_csv(tmp_path_factory) -> pathlib.Path:
-    """Videos whose binary label is a colour cast: 8 to train (one batch), 4 to validate, 4 to test."""
-    root = tmp_path_factory.mktemp("colour")
-    rng = np.random.default_rng(0)
-    rows = []
-    for split, count in (("train", 8), ("val", 4), ("test", 4)):
-        for index in range(count):
-            frames = rng.uniform(30, 200, size=(20, 64, 64, 3))
-            frames[..., 2 if index % 2 else 0] += 50
-            path = root / "videos" / f"{split}_{index}.mp4"
-            _write_video(path, np.clip(frames, 0, 255).astype(np.uint8))
-            rows.append([path.relative_to(root), split, index % 2])
-    with (root / "videos.csv").open("w", newline="") as file:
-        csv.writer(file).writerows([["path", "split", "label"], *rows])
-    return root / "videos.csv"
-
-
-def _write_video(path: pathlib.Path, frames: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
 
 
 def _finetune(workdir: pathlib.Path, colour_csv: pathlib.Path, env) -> subprocess.CompletedProcess:

@@ -5,12 +5,10 @@ the same with and without worker processes, and still resumes exactly."""
 import hashlib
 import json
 import pathlib
-import shutil
 
 import numpy as np
 import pytest
 
-from data_prep.demo_videos import make_demo_dataset
 from marlin_jax.data import codecs
 from marlin_jax.data.pipeline import make_pretrain_loader
 from marlin_jax.data.record_dataset import (CorruptDataError, RecordCounts, check_corrupt_fraction,
@@ -18,7 +16,8 @@ from marlin_jax.data.record_dataset import (CorruptDataError, RecordCounts, chec
 from marlin_jax.data.schema import parse_clip, serialize_clip
 from marlin_jax.data.shards import load_manifest, shard_file_name
 from marlin_jax.data.tfrecord import RecordReader, frame_record, read_records
-from test_pipeline import clip_identities, clip_record, write_dataset
+from test_pipeline import clip_identities, write_dataset
+from tiny_pretraining import make_small_demo
 
 
 def _records_with_offsets(path: pathlib.Path) -> list[tuple[int, bytes]]:
@@ -37,13 +36,12 @@ def _frame_key(frame: np.ndarray) -> str:
 
 @pytest.fixture(scope="module")
 def damaged_demo(tmp_path_factory) -> tuple[pathlib.Path, dict[str, str]]:
-    """The demo (2 shards x 2 records): bytes flipped inside shard 0's first record, shard 1 cut inside its last.
+    """The demo at 32 px (2 shards x 2 records): bytes flipped inside shard 0's first record, shard 1 cut inside its last.
 
     Returns the shard folder and, for every frame of the two intact records, which record it belongs to.
     """
-    root = tmp_path_factory.mktemp("demo")
-    manifest = make_demo_dataset(root, num_videos=4, workers=1)
-    shards = root / "shards"
+    shards = make_small_demo(tmp_path_factory.mktemp("demo"), num_videos=4)
+    manifest = load_manifest(shards)
     assert [shard["num_records"] for shard in manifest["shards"]] == [2, 2]
     first, second = (shards / shard["file"] for shard in manifest["shards"])
     (first_start, first_bad), (_, first_good) = _records_with_offsets(first)
@@ -74,7 +72,7 @@ def _source_record(video: np.ndarray, intact: dict[str, str]) -> str:
     return names.pop()
 
 
-@pytest.mark.parametrize("worker_count", [0, 2])
+@pytest.mark.parametrize("worker_count", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_damaged_demo_shards_yield_only_intact_records_and_count_the_rest(damaged_demo, worker_count):
     shards, intact = damaged_demo
     loader = _demo_loader(shards, worker_count)

@@ -261,6 +261,7 @@ def test_finished_build_is_left_alone_and_other_settings_are_refused(tmp_path):
 
 # --- the demo, through worker processes and the real cropper ----------------------------------------------
 
+@pytest.mark.slow
 def test_demo_dataset_builds_with_worker_processes(tmp_path):
     manifest = make_demo_dataset(tmp_path, num_videos=4, workers=2)
     assert manifest["complete"] and not manifest["failures"]

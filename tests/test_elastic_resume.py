@@ -6,7 +6,6 @@ processes is refused, naming the value to pass, before any data is read or anyth
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -22,41 +21,32 @@ from tiny_pretraining import (
     REPO_ROOT,
     TINY_CONFIG,
     copy_run_until,
-    make_small_demo,
     read_metrics,
     run_env,
     run_train,
 )
+
+pytestmark = pytest.mark.slow
 
 RUN = ("--config.total_steps=4", "--config.checkpoint_every=2", "--config.batch_size=8",
        "--config.evals.val.every=0")
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("compile_cache")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> pathlib.Path:
-    return make_small_demo(tmp_path_factory.mktemp("demo"))
-
-
-@pytest.fixture(scope="module")
-def eight_devices(shards, compile_cache, tmp_path_factory) -> pathlib.Path:
+def eight_devices(small_demo_shards, tmp_path_factory) -> pathlib.Path:
     """The uninterrupted run on 8 devices, data-parallel."""
     workdir = tmp_path_factory.mktemp("eight")
-    run_train(workdir, shards, *RUN, "--config.mesh.shape=(8,1,1)", env=run_env(compile_cache, devices=8))
+    run_train(workdir, small_demo_shards, *RUN, "--config.mesh.shape=(8,1,1)", env=run_env(devices=8))
     return workdir
 
 
 @pytest.mark.parametrize("mesh", [(4, 1, 1), (2, 2, 1)])
-def test_a_run_from_8_devices_continues_on_4(eight_devices, shards, compile_cache, tmp_path, mesh):
+def test_a_run_from_8_devices_continues_on_4(eight_devices, small_demo_shards, tmp_path, mesh):
     workdir = tmp_path / "four"
     copy_run_until(eight_devices, workdir, last_step=2)
 
-    result = run_train(workdir, shards, *RUN, f"--config.mesh.shape=({','.join(map(str, mesh))})",
-                       env=run_env(compile_cache, devices=4))
+    result = run_train(workdir, small_demo_shards, *RUN, f"--config.mesh.shape=({','.join(map(str, mesh))})",
+                       env=run_env(devices=4))
 
     assert f"resumed from step 2 in {workdir}" in result.stdout
     resolved = json.loads((workdir / "config.json").read_text())["resolved"]
@@ -90,7 +80,7 @@ def test_a_batch_that_does_not_split_over_the_devices_is_named_before_compiling(
         "    train_and_evaluate(config, sys.argv[2])\n"
         "except ValueError as error:\n"
         "    print(error)\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = run_env(devices=4)
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "no_data"), str(tmp_path / "work")],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -48,6 +48,7 @@ def test_facade_refuses_a_checkpoint_of_another_architecture(trained_workdir):
         Marlin.from_file("marlin_vit_small_ytf", workdir)
 
 
+@pytest.mark.slow
 def test_export_cli_writes_files_marlin_pytorch_loads(trained_workdir, marlin_pytorch, torch, tmp_path):
     workdir, model = trained_workdir
     result = subprocess.run([sys.executable, "-m", "marlin_jax.export", f"--workdir={workdir}",

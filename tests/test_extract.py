@@ -25,6 +25,7 @@ from marlin_jax.video_features import (
     model_windows,
 )
 from marlin_jax.video import VideoDecodeError, extraction_windows, video_windows
+from synthetic_videos import random_frames, write_video
 
 try:  # only the tests that use torch need it: they ask for a torch fixture, which skips without it
     import torch
@@ -37,24 +38,6 @@ TINY_224 = dataclasses.replace(VIT_TINY, img_size=224)
 # (sample_rate, stride) pairs; the official default first.
 SCHEDULES = [(2, 16), (1, 16), (3, 4), (2, 8)]
 FRAME_COUNTS = [1, 9, 15, 16, 17, 31, 32, 33, 47, 64, 65, 80, 97]
-
-
-def write_video(path: pathlib.Path, frames: np.ndarray, codec: str = "libx264") -> pathlib.Path:
-    """(T, H, W, 3) uint8 RGB -> a video file encoded by PyAV."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=30)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def random_frames(count: int, height: int, width: int, seed: int) -> np.ndarray:
-    """Blocky noise: every frame differs, and survives lossy coding well enough to tell frames apart."""
-    blocks = np.random.default_rng(seed).integers(0, 256, (count, height // 8, width // 8, 3), dtype=np.uint8)
-    return blocks.repeat(8, axis=1).repeat(8, axis=2)
 
 
 def jax_twin(torch_model, arch: MarlinArchitecture, directory: pathlib.Path) -> Marlin:
@@ -126,6 +109,7 @@ def test_schedule_converts_only_frames_it_uses():
     assert converted == list(range(16)) + list(range(16, 100, 2))
 
 
+@pytest.mark.slow
 def test_windows_equal_official_load_video(official, counted_videos):
     """Same clip count and bit-identical pixels as the official reader, for every branch of its schedule."""
     for count, path in counted_videos.items():
@@ -137,6 +121,7 @@ def test_windows_equal_official_load_video(official, counted_videos):
                 np.testing.assert_array_equal(a.astype(np.float32) / 255, b)
 
 
+@pytest.mark.slow
 def test_features_equal_official_on_decoded_clips(official, tmp_path):
     torch_model = build_torch_marlin(official, VIT_TINY, seed=1, full=False)
     model = jax_twin(torch_model, VIT_TINY, tmp_path)
@@ -154,6 +139,7 @@ def test_features_equal_official_on_decoded_clips(official, tmp_path):
             np.testing.assert_allclose(ours, reduce(pooled, axis=0), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sample_videos_match_official_extract_video(official, samples_dir, tmp_path):
     """Real 224x224 face crops, every branch (15, 27 and 100+ frames), clips batched across videos."""
     torch_model = build_torch_marlin(official, TINY_224, seed=2, full=False)
@@ -241,6 +227,7 @@ def test_bad_options(field, value):
         ExtractionOptions(**{field: value})
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(torch, tmp_path):
     """The module as a user runs it: config-file model, .pt weights, a folder with sub-folders and a bad file."""
     config = tmp_path / "tiny.py"

@@ -1,4 +1,5 @@
-"""Fine-tuning end to end on synthetic videos whose class is their colour (CPU, about a minute).
+"""Fine-tuning end to end on synthetic videos whose class is their colour (the session's `colour_csv`,
+conftest.py).
 
 The tiny 64 px encoder learns a planted colour in a few dozen steps; the tests check what it writes, that a
 SIGTERM-interrupted and resumed run selects and tests exactly what the uninterrupted run does, that official
@@ -18,7 +19,6 @@ import sys
 import threading
 import time
 
-import av
 import jax
 import numpy as np
 import pytest
@@ -32,45 +32,12 @@ from marlin_jax.downstream.classifier_trainer import build_finetuning, finetune_
 from marlin_jax.marlin import Marlin
 from marlin_jax.model import sincos_table
 from marlin_jax.video import ClipSettings, VideoDecodeError, finetuning_clip, read_finetuning_clip
+from synthetic_videos import tinted_video, write_video
+from tiny_pretraining import run_env
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSV_CONFIG = str(REPO_ROOT / "configs/finetune/csv.py") + ":binary,tiny"
-SPLIT_SIZES = {"train": 32, "val": 12, "test": 12}
-TINTED_CHANNEL = {0: 2, 1: 0}  # class -> the colour channel raised in every frame: blue or red
-
-
-def write_video(path: pathlib.Path, frames: np.ndarray, fps: int = 25) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
-def tinted_video(label: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """20-40 noisy frames with one colour channel raised: the class is visible in every pixel."""
-    frames = rng.uniform(30, 200, size=(int(rng.integers(20, 41)), size, size, 3))
-    frames[..., TINTED_CHANNEL[label]] += 50
-    return np.clip(frames, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def colour_csv(tmp_path_factory) -> pathlib.Path:
-    root = tmp_path_factory.mktemp("colour")
-    rng = np.random.default_rng(0)
-    rows = []
-    for split, size in SPLIT_SIZES.items():
-        for i in range(size):
-            path = f"videos/{split}_{i:02d}.mp4"
-            write_video(root / path, tinted_video(i % 2, rng))
-            rows.append({"path": path, "split": split, "label": i % 2})
-    with (root / "videos.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, ["path", "split", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return root / "videos.csv"
+SPLIT_SIZES = {"train": 32, "val": 12, "test": 12}  # the session's colour_csv (conftest.py)
 
 
 def tiny_config(csv_path, **overrides):
@@ -100,12 +67,14 @@ def val_by_step(workdir: pathlib.Path) -> dict[int, dict]:
             if "val/acc" in r}
 
 
+@pytest.mark.slow
 def test_learns_the_planted_colour(straight_run):
     results = json.loads((straight_run / "results.json").read_text())
     assert results["acc"] >= 0.9 and results["auc"] >= 0.9, results
     assert results["val"]["acc"] >= 0.9
 
 
+@pytest.mark.slow
 def test_results_and_logs(straight_run):
     results = json.loads((straight_run / "results.json").read_text())
     assert {"acc", "auc", "f1", "task", "num_outputs", "num_examples", "selected_step", "val",
@@ -140,7 +109,8 @@ def _send_sigterm_after_first_step(workdir: pathlib.Path) -> threading.Thread:
     return thread
 
 
-def test_sigterm_then_resume_reproduces_the_uninterrupted_run(colour_csv, straight_run, tmp_path):
+@pytest.mark.slow
+def test_sigterm_then_resume_reproduces_the_uninterrupted_run(colour_csv, straight_run, tmp_path, capsys):
     config = tiny_config(colour_csv, log_every=1)
     watcher = _send_sigterm_after_first_step(tmp_path)
     assert finetune_and_evaluate(config, tmp_path) is None
@@ -148,7 +118,9 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(colour_csv, straig
     stopped_at = saved_models.read_saved_model(tmp_path).step
     assert 1 <= stopped_at < 24
 
+    capsys.readouterr()
     resumed = finetune_and_evaluate(config, tmp_path)
+    assert f"resumed from step {stopped_at} in {tmp_path}" in capsys.readouterr().out
     reference = json.loads((straight_run / "results.json").read_text())
     for key in ("acc", "auc", "f1", "selected_step", "val", "steps_run"):
         assert resumed[key] == reference[key], key
@@ -157,6 +129,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(colour_csv, straig
     jax.tree_util.tree_map(np.testing.assert_array_equal, ours.generator, theirs.generator)
 
 
+@pytest.mark.slow
 def test_init_from_official_pt_loads_the_encoder(colour_csv, straight_run, torch, tmp_path):
     """The fine-tuned encoder, written as an official marlin_pytorch `.pt`, is the next run's start."""
     config = tiny_config(colour_csv)
@@ -172,11 +145,12 @@ def test_init_from_official_pt_loads_the_encoder(colour_csv, straight_run, torch
     run.trainer.loader.close()
 
 
+@pytest.mark.slow
 def test_sharded_cli_run_matches_one_device(colour_csv, tmp_path):
     """The entry point on 4 fake devices, parameters sharded over fsdp=2 and batches over data x fsdp, against
     the same run on one device; the 0/1 labels read as two classes."""
     config_arg, steps = CSV_CONFIG.replace("binary", "multiclass"), ("--config.total_steps=4", "--config.eval_every=4")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = run_env(devices=4)
     command = [sys.executable, "-m", "marlin_jax.finetune", f"--config={config_arg}", f"--workdir={tmp_path / 'mesh'}",
                f"--config.data.csv={colour_csv}", *steps, "--config.mesh.shape=(2,2,1)"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -193,6 +167,7 @@ def test_sharded_cli_run_matches_one_device(colour_csv, tmp_path):
         np.testing.assert_allclose([r[key] for r in sharded if key in r], expected, rtol=2e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_celebvhq_layout_trains_multilabel_and_stops_on_the_learning_rate(tmp_path):
     rng = np.random.default_rng(1)
     clips = {f"clip{i:02d}": {"attributes": {"appearance": rng.integers(0, 2, 40).tolist(),
@@ -246,6 +221,7 @@ def test_clips_are_resized_and_eval_clips_fixed(colour_csv):
     np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume(colour_csv):
     split, settings = tasks.read_csv_task(colour_csv, "binary").splits["train"], ClipSettings(16, 2, 32)
     in_process = make_train_loader(split, 8, 0, settings, Parallelism(1, 1))
@@ -292,6 +268,7 @@ def test_bad_input_is_named(colour_csv, tmp_path):
         read_finetuning_clip(broken, ClipSettings(), np.random.default_rng(0))
 
 
+@pytest.mark.slow
 def test_workdir_of_another_task_refuses_to_resume(colour_csv, straight_run):
     config = tiny_config(colour_csv, task="multilabel")
     config.data.csv = str(_write_rows(straight_run.parent / "multilabel.csv", ["path", "split", "label_0", "label_1"],

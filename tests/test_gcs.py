@@ -5,10 +5,11 @@ export, extraction and a linear probe; a store that fails requests; the startup 
 missing credentials; the shard reader's streaming; the write-once, listing and moving helpers; event files in
 parts.
 
-To fit the suite's time budget (about 3 minutes on 2 cores) the expensive steps run once and are shared: one
-bucket build and one uninterrupted training run, both through a store that fails some requests (`FaultyProxy`),
-so they are at once the fault test and the references the other tests compare with. Runs are
-tests/tiny_pretraining.py's (tiny widths, 32 px crops, the session's JAX compilation cache).
+To fit the suite's time budget the expensive steps run once and are shared: one bucket build and one
+uninterrupted training run, both through a store that fails some requests (`FaultyProxy`), so they are at once
+the fault test and the references the other tests compare with. The local references are the session's demo
+videos and shards (conftest.py). Runs are tests/tiny_pretraining.py's (tiny widths, 32 px crops, `TOTAL_STEPS`,
+so their programs come from the session's JAX compilation cache).
 """
 
 from __future__ import annotations
@@ -30,22 +31,23 @@ import numpy as np
 import pytest
 from etils import epath
 from gcs_emulator import FaultyProxy, gcs_emulator  # noqa: F401 - the fixture
-from tiny_pretraining import IMAGE_SIZE, LOSSES, REPO_ROOT, read_metrics, run_env
+from tiny_pretraining import IMAGE_SIZE, LOSSES, REPO_ROOT, TOTAL_STEPS, read_metrics, run_env, write_tiny_config_file
 
 from data_prep.build_state import BuildConfig
 from data_prep.local_build import build_dataset, default_cropper_factory
-from data_prep.demo_videos import synthesize_videos
 from marlin_jax import storage
 from marlin_jax.data import shards as shard_dir
 from marlin_jax.data.schema import parse_clip
 from marlin_jax.data.tfrecord import RecordReader, RecordWriter, read_records
 from marlin_jax.interop import saved_models
 
+pytestmark = pytest.mark.slow
+
 NUM_VIDEOS = 6
+# As tests/tiny_pretraining.make_small_demo builds the session's shards, which the bucket build must equal.
 BUILD_SETTINGS = {"workers": 1, "shard_size": 2, "val_fraction": 0.2, "image_size": IMAGE_SIZE}
-TOTAL_STEPS = 4
-# A checkpoint at step 2 and at the end; validation (with its reconstruction image) at the end.
-TRAIN_OVERRIDES = {"total_steps": TOTAL_STEPS, "log_every": 1, "checkpoint_every": 2, "evals.val.every": 4}
+# A checkpoint every 2 steps; validation (with its reconstruction image) at the end.
+TRAIN_OVERRIDES = {"total_steps": TOTAL_STEPS, "log_every": 1, "checkpoint_every": 2, "evals.val.every": TOTAL_STEPS}
 VAL_STEPS = [TOTAL_STEPS]
 VAL_LOSSES = ("val/rec_loss", "val/d_loss", "val/loss")
 # Every n-th request through a faulty store: answered 503, its connection closed without an answer, or (a GET)
@@ -53,18 +55,6 @@ VAL_LOSSES = ("val/rec_loss", "val/d_loss", "val/loss")
 # the build (about 150 requests) and in the run (about 800).
 BUILD_FAULTS = {"unavailable_every": 53, "reset_every": 71, "cut_every": 37}
 RUN_FAULTS = {"unavailable_every": 211, "reset_every": 241, "cut_every": 113}
-# The tiny pretraining config at the crop side of the test shards, as a config file: `extract --model` takes
-# one, and the run and the extraction must agree on the architecture.
-TINY_32_CONFIG = f'''
-from marlin_jax.architectures import VIT_SMALL
-from marlin_jax.config_builders import pretrain_config
-
-
-def get_config(variant=None):
-    config = pretrain_config(VIT_SMALL, "marlin_vit_small", "tiny")
-    config.model.img_size = {IMAGE_SIZE}
-    return config
-'''
 
 
 def run_module(module: str, *args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -81,24 +71,21 @@ def build_args(input_dir: str, output_dir: str) -> list[str]:
 class Setup:
     root: str  # the bucket, gs://...
     videos: str  # the demo videos in the bucket
-    local: Path  # local copies: videos/, shards/ (a local build), the config file
-    config: str  # TINY_32_CONFIG's file
-    env: dict  # for subprocesses: the emulator, a shared compilation cache
+    local: Path  # local copies: videos/, shards/ (a local build)
+    config: str  # the tiny config file at IMAGE_SIZE
+    env: dict  # for subprocesses: the emulator, the session's compilation cache
 
 
 @pytest.fixture(scope="module")
-def setup(gcs_emulator, tmp_path_factory) -> Setup:
-    """A bucket holding the demo videos, also kept locally with their local build (the reference)."""
-    local = tmp_path_factory.mktemp("local")
+def setup(gcs_emulator, small_demo_shards, tmp_path_factory) -> Setup:
+    """A bucket holding the session's demo videos; their local build is the reference."""
+    local = small_demo_shards.parent
+    assert len(list((local / "videos").glob("*.mp4"))) == NUM_VIDEOS
     root = gcs_emulator.create_bucket("marlin-test")
-    for path in synthesize_videos(local / "videos", NUM_VIDEOS):
+    for path in sorted((local / "videos").glob("*.mp4")):
         (epath.Path(root) / "videos" / path.name).write_bytes(path.read_bytes())
-    build_dataset(BuildConfig(str(local / "videos"), str(local / "shards"), **BUILD_SETTINGS))
-    (local / "tiny_32.py").write_text(TINY_32_CONFIG)
-    # Compiled without LLVM's optimisations: the cold run compiles in 40% less CPU time, and every run of the
-    # module takes its programs from the shared cache, so the runs compared still run the same code.
-    env = {**gcs_emulator.env(), **run_env(local / "compile_cache"), "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-    return Setup(root, f"{root}/videos", local, str(local / "tiny_32.py"), env)
+    config = write_tiny_config_file(tmp_path_factory.mktemp("config"))
+    return Setup(root, f"{root}/videos", local, str(config), {**gcs_emulator.env(), **run_env()})
 
 
 def faulty_env(setup: Setup, store: FaultyProxy) -> dict:
@@ -236,7 +223,8 @@ def test_training_in_a_bucket_resumes_after_sigkill_as_if_uninterrupted(resumed_
     assert_same_run(read_metrics(resumed_run), read_metrics(reference_run["workdir"]))
     assert saved_models.read_saved_model(resumed_run).step == TOTAL_STEPS
     workdir = epath.Path(resumed_run)
-    assert (workdir / "config.json").exists() and (workdir / "reconstructions" / "step_00000004.png").exists()
+    assert (workdir / "config.json").exists()
+    assert (workdir / "reconstructions" / f"step_{TOTAL_STEPS:08d}.png").exists()
     from tensorboardX.proto import event_pb2
     tags = {value.tag for path in (workdir / "tensorboard").glob("events.out.tfevents.*")
             for record in read_records(path) for value in event_pb2.Event.FromString(record).summary.value}

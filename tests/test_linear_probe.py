@@ -107,6 +107,7 @@ def test_csv_probe_on_shuffled_labels_is_at_chance(tmp_path, task, num_outputs, 
     assert abs(results["auc"] - 0.5) < 0.1
 
 
+@pytest.mark.slow
 def test_celebvhq_probe_learns_planted_signal_and_writes_schema(tmp_path):
     config = fast(load_config("celebvhq_appearance"), seeds=(0, 1))
     config.data.root = str(write_celebvhq_layout(tmp_path / "celebvhq"))
@@ -125,6 +126,7 @@ def test_celebvhq_probe_learns_planted_signal_and_writes_schema(tmp_path):
     assert results["std"]["auc"] == pytest.approx(np.std(test_aucs))
 
 
+@pytest.mark.slow
 def test_celebvhq_probe_on_shuffled_labels_is_at_chance(tmp_path):
     config = fast(load_config("celebvhq_action"))
     config.data.root = str(write_celebvhq_layout(tmp_path / "celebvhq", 1000, "action", shuffle=True))
@@ -223,6 +225,7 @@ def test_plateau_halves_the_rate_after_patience_plus_one_flat_epochs_as_torch():
     assert scales == [1.0] * 8 + [0.5, 0.5]
 
 
+@pytest.mark.slow
 def test_entry_point_runs_as_a_module(tmp_path):
     csv_path = write_csv_layout(tmp_path / "data", "binary")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}

@@ -248,6 +248,7 @@ def test_restored_state_replays_the_same_batches(dataset):
     _assert_resumes_exactly(root, worker_count=0, before=3, after=5)  # crosses an epoch (11 records)
 
 
+@pytest.mark.slow
 def test_restored_state_replays_the_same_batches_with_worker_processes(dataset):
     root, _ = dataset
     _assert_resumes_exactly(root, worker_count=2, before=3, after=4)

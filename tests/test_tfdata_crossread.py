@@ -10,19 +10,20 @@ import subprocess
 import numpy as np
 import pytest
 
-from data_prep.demo_videos import make_demo_dataset
 from marlin_jax.data import codecs, schema
+from marlin_jax.data.shards import load_manifest
 from marlin_jax.data.tfrecord import read_records
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = pathlib.Path(__file__).with_name("tfdata_crossread.py")
 PAYLOADS = [b"", b"x" * 70000, bytes(range(256))]
 
 
 @pytest.fixture(scope="module")
-def demo_shards(tmp_path_factory) -> list[pathlib.Path]:
-    output = tmp_path_factory.mktemp("tfdata")
-    manifest = make_demo_dataset(output, num_videos=3, workers=1)
-    return [output / "shards" / shard["file"] for shard in manifest["shards"]]
+def demo_shards(small_demo_shards) -> list[pathlib.Path]:
+    """The session's demo shards (train and val), read only."""
+    return [small_demo_shards / shard["file"] for shard in load_manifest(small_demo_shards)["shards"]]
 
 
 def _digest(value: bytes) -> str:
@@ -64,7 +65,7 @@ def test_tfdata_reads_our_shards_and_we_read_its_files(demo_shards, tfdata_pytho
     summary = json.loads((tmp_path / "tf" / "records.json").read_text())
 
     ours = [schema.parse_clip(data) for shard in demo_shards for data in read_records(shard)]
-    assert len(summary["records"]) == len(ours) == 3
+    assert len(summary["records"]) == len(ours) == 6
     for record, parsed in zip(ours, summary["records"]):
         assert parsed == _as_tensorflow_parses_it(record), record.source_id
     # JPEG decoders differ slightly in IDCT and chroma upsampling, hence a mean, not exact equality.

@@ -6,7 +6,9 @@ gradients before the generator step. The generator's parameters do not change in
 give the same prediction. Here the generator runs forward ONCE (`jax.vjp`): the discriminator is updated on
 that prediction, then the generator's loss — reconstruction plus the adversarial term scored by the UPDATED
 discriminator, as in the official order — is pulled back through the same vjp. The parameter updates are
-identical (tests/test_train_step.py checks this against a literal two-pass version).
+identical: tests/test_reference_iteration.py checks the losses and the updated parameters against an
+independent PyTorch replay of the official two-forward iteration (with the gradient penalty, and with two D and
+G steps).
 
 With gradient accumulation the discriminator must be updated on every micro-batch's prediction before any
 generator gradient is taken, so the micro-batches are run twice (forward-only, then forward+backward).
