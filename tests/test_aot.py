@@ -21,6 +21,8 @@ from marlin_jax.architectures import MarlinArchitecture
 from marlin_jax.config_files import load_config
 from marlin_jax.pretraining.step import StepSettings
 
+pytestmark = pytest.mark.slow  # compiles with the TPU compiler (tens of CPU-seconds)
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / "configs/pretrain/marlin_vit_base.py") + ":tiny"
 TOPOLOGY = "v5e:2x2"

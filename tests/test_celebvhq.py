@@ -26,6 +26,8 @@ from marlin_jax.downstream.probe import run_linear_probe
 from marlin_jax.video_features import extract_video_features
 from marlin_jax.interop.official_weights import CACHE_VARIABLE, URL_VARIABLE
 
+pytestmark = pytest.mark.slow  # crops real videos in worker processes, extracts and probes
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = {"sample_video05": "video05.mp4", "sample_cropped04": "cropped04.mp4", "sample_cropped05": "cropped05.mp4"}
 NUM_DEMO_VIDEOS = 8

@@ -40,7 +40,7 @@ def damaged_demo(tmp_path_factory) -> tuple[pathlib.Path, dict[str, str]]:
 
     Returns the shard folder and, for every frame of the two intact records, which record it belongs to.
     """
-    shards = make_small_demo(tmp_path_factory.mktemp("demo"), num_videos=4)
+    shards = make_small_demo(tmp_path_factory.mktemp("demo"), num_videos=4, val_fraction=0)
     manifest = load_manifest(shards)
     assert [shard["num_records"] for shard in manifest["shards"]] == [2, 2]
     first, second = (shards / shard["file"] for shard in manifest["shards"])

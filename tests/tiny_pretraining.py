@@ -49,12 +49,12 @@ def get_config(variant=None):
 '''
 
 
-def make_small_demo(output: pathlib.Path, num_videos: int = 6) -> pathlib.Path:
+def make_small_demo(output: pathlib.Path, num_videos: int = 6, val_fraction: float = 0.2) -> pathlib.Path:
     """The demo videos (6 portraits by default: 5 train clips and 1 val) under `output/videos`, built into
     shards of 32 px face crops under `output/shards`; returns the shards' folder."""
     synthesize_videos(output / "videos", num_videos=num_videos)
     build_dataset(BuildConfig(input_dir=str(output / "videos"), output_dir=str(output / "shards"), workers=1,
-                              val_fraction=0.2, shard_size=2, image_size=IMAGE_SIZE))
+                              val_fraction=val_fraction, shard_size=2, image_size=IMAGE_SIZE))
     return output / "shards"
 
 
