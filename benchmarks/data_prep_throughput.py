@@ -3,7 +3,7 @@
     python benchmarks/data_prep_throughput.py [--videos DIR | --demo] [--copies 2] [--workers 1 2] [--repeats 3]
         [--tracking on off] [--runner local DirectRunner]
 
-Builds shards from the sample videos (../shared/data/marlin_samples, each linked `--copies` times so that a
+Builds shards from the sample videos (the folder named by $MARLIN_SAMPLES_DIR, each linked `--copies` times so that a
 build outlasts worker start-up; else, or with --demo, the demo videos, made on the spot) with
 detect-then-track and with --no-tracking (the detector on every frame), for each worker count and each
 runner (`local`: the builder's worker processes; `DirectRunner`: the Beam pipeline, its workers in processes,
@@ -41,7 +41,7 @@ from data_prep.demo_videos import synthesize_videos
 from marlin_jax.data import codecs
 from marlin_jax.faces import FaceCropper
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "marlin_samples"
+SAMPLES = Path(os.environ.get("MARLIN_SAMPLES_DIR")) if os.environ.get("MARLIN_SAMPLES_DIR") else None  # the sample face videos, as the tests name them
 
 
 def cpu_seconds() -> float:
@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     cv2.setNumThreads(1)  # as in the build's workers, for the stage timings
     with tempfile.TemporaryDirectory() as scratch:
-        videos = args.videos or (SAMPLES if SAMPLES.is_dir() and not args.demo else None)
+        videos = args.videos or (SAMPLES if SAMPLES and SAMPLES.is_dir() and not args.demo else None)
         if videos is None:
             videos = Path(scratch) / "demo"
             synthesize_videos(videos, num_videos=10)

@@ -7,13 +7,13 @@
 Encoder only: both run the encoder on clips (B, 3, 16, 224, 224) with random weights and mean-pooled output
 (the default of extract_video); marlin_jax through `marlin_jax.model.encode_clips`, the jitted function that
 extraction uses (uint8 clips in), PyTorch through `marlin_pytorch.Marlin.extract_features` with 2 threads.
-Machines here are shared, so rounds interleave the two frameworks and each framework's 2048x2048 float32
+On a shared machine, rounds interleave the two frameworks and each framework's 2048x2048 float32
 matmul probe, and the best round counts (interference only slows a round down); medians and per-round
 paired speedups are printed too. MFU (benchmarks/mfu.py) divides each framework's model FLOP/s (counted from
 the architecture; XLA's count beside it) by that framework's own matmul probe; "mfu_by_cpu_time" does the same
 per second of the process's CPU time, which other load on a shared machine hardly moves.
 
-End to end (`--videos`, default ../shared/data/marlin_samples): `marlin_jax.video_features.extract_videos` on
+End to end (`--videos`, default $MARLIN_SAMPLES_DIR, the sample face videos): `marlin_jax.video_features.extract_videos` on
 every video there, as `python -m marlin_jax.extract` runs it: decode, (with --crop-face) MediaPipe face crop,
 encode. Reported in clips/s beside the encoder-only rate at the same batch size, with the share of the time
 the encoder accounts for. Prints one JSON object.
@@ -48,7 +48,7 @@ import mfu  # noqa: E402  (benchmarks/ is not a package)
 ARCHITECTURES = {"vit_small": VIT_SMALL, "vit_base": VIT_BASE}
 TORCH_THREADS = 2
 FRAMEWORKS = ("jax", "torch")
-SAMPLE_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "marlin_samples"
+SAMPLE_VIDEOS = os.environ.get("MARLIN_SAMPLES_DIR")
 Runner = Callable[[], object]
 
 
@@ -167,7 +167,7 @@ def parse_args(argv=None):
     parser.add_argument("--models", default="vit_small,vit_base", help=f"from {', '.join(ARCHITECTURES)}")
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--videos", default=str(SAMPLE_VIDEOS),
+    parser.add_argument("--videos", default=SAMPLE_VIDEOS or "",
                         help="folder of videos for the end-to-end rate ('' skips it)")
     parser.add_argument("--crop-face", default="auto", choices=("auto", "yes", "no"),
                         help="face-crop the videos (auto: only videos whose name does not start with 'cropped')")

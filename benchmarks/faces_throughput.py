@@ -7,7 +7,7 @@ Pins itself to one core before loading the models (their worker threads inherit 
 the frames first (not timed) and prints one JSON object: per input and per path (detect then track,
 and the detector on every frame), frames/s on that core and the mean milliseconds per frame, measured
 in the same run. Inputs: video01.mp4 (480x360) and video04.mp4 (1280x720) from
-../shared/data/marlin_samples when present, else 512x512 frames synthesised from
+the sample face videos in $MARLIN_SAMPLES_DIR when set, else 512x512 frames synthesised from
 skimage.data.astronaut() (shifted a little each frame so the detector does real work).
 """
 
@@ -24,7 +24,7 @@ import skimage.data
 
 from marlin_jax.faces import FaceCropper
 
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared/data/marlin_samples"
+SAMPLES = Path(os.environ.get("MARLIN_SAMPLES_DIR")) if os.environ.get("MARLIN_SAMPLES_DIR") else None
 SAMPLE_VIDEOS = ("video01.mp4", "video04.mp4")
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     os.sched_setaffinity(0, {args.core})
     cv2.setNumThreads(1)  # as in data_prep's workers
     croppers = {"tracking": FaceCropper(), "per_frame": FaceCropper(tracking=False)}
-    videos = args.video or [SAMPLES / name for name in SAMPLE_VIDEOS if (SAMPLES / name).exists()]
+    videos = args.video or [SAMPLES / name for name in SAMPLE_VIDEOS if SAMPLES and (SAMPLES / name).exists()]
     inputs = {path.name: decode(path, args.frames) for path in videos}
     if not inputs:
         inputs = {"astronaut_synthetic": astronaut_frames(args.frames)}

@@ -2,7 +2,7 @@
 
     python benchmarks/faces_tracking_quality.py [--videos DIR] [--redetect-every 3] [--no-noise-floor]
 
-Runs FaceCropper over each video of ../shared/data/marlin_samples (or --videos) with tracking and without,
+Runs FaceCropper over each video of the sample face videos ($MARLIN_SAMPLES_DIR, or --videos) with tracking and without,
 and prints JSON pooled over all frames and per video:
 - landmark_px_median / _p90: distance between the two paths' landmarks, in source pixels, over all
   landmarks of the frames where both found a face (_tracked_frames: only where tracking did not run the
@@ -19,6 +19,7 @@ should change nothing.
 
 import argparse
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from data_prep.frames import iter_video_frames
 from marlin_jax.faces import FaceCropper, FaceCrops
 from marlin_jax.faces.tracking import DEFAULT_REDETECT_EVERY
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "marlin_samples"
+SAMPLES = Path(os.environ.get("MARLIN_SAMPLES_DIR")) if os.environ.get("MARLIN_SAMPLES_DIR") else None
 
 
 def crop_video(cropper: FaceCropper, frames: Iterator[np.ndarray]) -> FaceCrops:
@@ -96,7 +97,7 @@ def summary(parts: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--videos", type=Path, default=SAMPLES)
+    parser.add_argument("--videos", type=Path, default=SAMPLES, required=SAMPLES is None)
     parser.add_argument("--redetect-every", type=int, default=DEFAULT_REDETECT_EVERY)
     parser.add_argument("--no-noise-floor", dest="noise_floor", action="store_false",
                         help="skip the per-frame path's comparison with itself on the shifted videos")

@@ -106,15 +106,46 @@ def largest_batch(config: str, start: int, resolution: int, results: dict, save)
             "compiles": len(results)}
 
 
+def markdown(table: dict) -> str:
+    """docs/tpu.md's sizing table from the JSON: one row per model and slice, then the largest batch on v5e."""
+    rows = ["| model | slice | fits | mesh | clips per chip | HBM per chip: total (arguments + temporaries) | "
+            "hours for 2000 epochs at 50% MFU | compile s |", "|---|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        for accelerator, topology in SLICES.items():
+            cell = table.get(model, {}).get(accelerator)
+            if cell is None:
+                rows.append(f"| ViT-{model[0].upper()} | {accelerator} ({topology}) | not compiled yet | | | | | |")
+                continue
+            if "error" in cell:
+                rows.append(f"| ViT-{model[0].upper()} | {accelerator} ({topology}) | error: {cell['error']} | | | | | |")
+                continue
+            memory, mesh = cell["hbm_per_chip_gib"], cell["mesh"]
+            rows.append(f"| ViT-{model[0].upper()} | {accelerator} ({topology}) | {'yes' if cell['fits'] else 'no'} | "
+                        f"({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | {cell['per_chip_batch']:g} | "
+                        f"{memory['total']:.2f} GiB ({memory['arguments']:.2f} + {memory['temporaries']:.2f}) of "
+                        f"{memory['capacity']:g} | {cell['hours_at_50pct_mfu']:.2f} | {cell['compile_seconds']:.0f} |")
+    largest = [f"ViT-{model[0].upper()}: {table[model]['largest_v5e']['largest_per_chip_batch']} clips per chip"
+               for model in MODELS if "largest_v5e" in table.get(model, {})]
+    if largest:
+        rows.append("")
+        rows.append(f"Largest per-chip batch that compiles on v5e (to {table[next(m for m in MODELS if 'largest_v5e' in table.get(m, {}))]['largest_v5e']['resolution']} clips): "
+                    + "; ".join(largest) + ".")
+    return "\n".join(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file; cells already in it are kept.")
     parser.add_argument("--models", default="small,base,large")
     parser.add_argument("--cells", default="paper,largest")
     parser.add_argument("--resolution", type=int, default=8, help="Clips per chip the largest-batch search resolves.")
+    parser.add_argument("--markdown", action="store_true", help="Print the table of --out as Markdown; compile nothing.")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     table = json.loads(out.read_text()) if out.exists() else {}
+    if args.markdown:
+        print(markdown(table))
+        return
     table.setdefault("runs", []).append({"started": datetime.datetime.now().isoformat(timespec="seconds"),
                                          "machine": mfu.machine()})
 

@@ -20,9 +20,11 @@ from ml_collections import config_flags
 
 from marlin_jax import launch
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining or fine-tuning config file "
-                                          "(configs/pretrain/*.py[:variant], configs/finetune/*.py[:arg]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining or fine-tuning config: a file "
+                                          "(configs/pretrain/*.py[:variant], configs/finetune/*.py[:arg]) or a "
+                                          "short name (marlin_vit_large, finetune/celebvhq_action:...).",
                                           lock_config=True)
+launch.accept_config_names(None)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, <chip>:<shape>: v5e:2x2, v5e:4x4, v4:2x2x1, "
                                                   "v5p:2x2x2, v6e:2x4, ...")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-centre network (multislice).")

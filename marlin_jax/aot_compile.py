@@ -456,8 +456,11 @@ def summary(report: dict[str, Any]) -> str:
     lines += [_program_line(name, program) for name, program in report["programs"].items()]
     schedule = report["schedule"]
     if report["hours_at_50pct_mfu"] is not None:
-        lines.append(f"  schedule: {schedule['total_steps']} steps ({schedule['epochs']} epochs of "
-                     f"{schedule['steps_per_epoch']} steps, clips from {schedule['source']}): "
+        if schedule["steps_per_epoch"] and schedule["total_steps"] == schedule["epochs"] * schedule["steps_per_epoch"]:
+            length = f"{schedule['epochs']} epochs of {schedule['steps_per_epoch']} steps"
+        else:  # the config sets total_steps itself
+            length = f"the config's total_steps; an epoch is {schedule['steps_per_epoch']} steps"
+        lines.append(f"  schedule: {schedule['total_steps']} steps ({length}, clips from {schedule['source']}): "
                      f"{report['hours_at_50pct_mfu']:.1f} h at 50% MFU")
     return "\n".join(lines)
 

@@ -17,14 +17,21 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX proc
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (non-TPU multi-process).")
 
 
-# The configs/ folder whose files `--config` may name by short name; set by define_config_and_workdir.
+# Whether `--config` may name an installed config by short name, and the configs/ folder it names one of (None:
+# any folder); set by accept_config_names.
+_config_names = False
 _config_kind: str | None = None
+
+
+def accept_config_names(kind: str | None) -> None:
+    """Let `--config` name an installed config by short name, among `kind`'s files (every kind's when None)."""
+    global _config_names, _config_kind
+    _config_names, _config_kind = True, kind
 
 
 def define_config_and_workdir(kind: str, config_help: str, workdir_help: str):
     """(config, workdir) flag holders, both required; `kind` is the configs/ folder that short names refer to."""
-    global _config_kind
-    _config_kind = kind
+    accept_config_names(kind)
     config = config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, workdir_help)
     flags.mark_flags_as_required(["config", "workdir"])
@@ -104,7 +111,7 @@ def parse_flags(argv: list[str], *, known_only: bool = False) -> list[str]:
     them (for data_prep.build, which hands them to Beam)."""
     try:
         argv = _dashes_as_underscores(argv)
-        if _config_kind is not None:
+        if _config_names:
             argv = _config_names_as_paths(argv)
         return flags.FLAGS(argv, known_only=known_only)
     except (flags.Error, ValueError) as error:

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.special
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+
+def _sklearn_metrics():
+    """sklearn.metrics, imported on first use: the import takes most of a second, and every training process loads
+    this module (through its evaluators) although most never compute a probe metric."""
+    import sklearn.metrics
+    return sklearn.metrics
+
 
 METRIC_NAMES = {
     "binary": ("acc", "auc", "f1"),
@@ -31,7 +38,7 @@ OFFICIAL_VAL_BATCH = 32
 def _binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     if np.unique(labels).size < 2:
         return float("nan")
-    return float(roc_auc_score(labels, scores))
+    return float(_sklearn_metrics().roc_auc_score(labels, scores))
 
 
 def mean_per_column_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
@@ -39,16 +46,16 @@ def mean_per_column_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, 
     scored = [k for k in range(labels.shape[1]) if np.unique(labels[:, k]).size == 2]
     if not scored:
         return float("nan"), 0
-    return float(np.mean(roc_auc_score(labels[:, scored], scores[:, scored], average=None))), len(scored)
+    return float(np.mean(_sklearn_metrics().roc_auc_score(labels[:, scored], scores[:, scored], average=None))), len(scored)
 
 
 def binary_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     probs = scipy.special.expit(logits[:, 0])
     predicted = probs > 0.5
     return {
-        "acc": float(accuracy_score(labels, predicted)),
+        "acc": float(_sklearn_metrics().accuracy_score(labels, predicted)),
         "auc": _binary_auc(labels, probs),
-        "f1": float(f1_score(labels, predicted, zero_division=0)),
+        "f1": float(_sklearn_metrics().f1_score(labels, predicted, zero_division=0)),
     }
 
 
@@ -58,9 +65,9 @@ def multiclass_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, floa
     one_hot = np.eye(logits.shape[1], dtype=np.int32)[labels]
     auc, _ = mean_per_column_auc(one_hot, probs)
     return {
-        "acc": float(accuracy_score(labels, predicted)),
+        "acc": float(_sklearn_metrics().accuracy_score(labels, predicted)),
         "auc": auc,
-        "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        "f1_macro": float(_sklearn_metrics().f1_score(labels, predicted, average="macro", zero_division=0)),
     }
 
 
@@ -68,7 +75,7 @@ def multilabel_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, floa
     probs = scipy.special.expit(logits)
     per_label_auc, num_scored = mean_per_column_auc(labels, probs)
     return {
-        "acc": float(accuracy_score(labels.ravel(), (probs > 0.5).ravel())),
+        "acc": float(_sklearn_metrics().accuracy_score(labels.ravel(), (probs > 0.5).ravel())),
         "auc": _binary_auc(labels.ravel(), probs.ravel()),
         "auc_per_label_mean": per_label_auc,
         "num_labels_scored": num_scored,
