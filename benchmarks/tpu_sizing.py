@@ -138,6 +138,7 @@ def main():
     parser.add_argument("--out", required=True, help="JSON file; cells already in it are kept.")
     parser.add_argument("--models", default="small,base,large")
     parser.add_argument("--cells", default="paper,largest")
+    parser.add_argument("--slices", default=",".join(SLICES), help="The paper cells' slices, in the order to compile.")
     parser.add_argument("--resolution", type=int, default=8, help="Clips per chip the largest-batch search resolves.")
     parser.add_argument("--markdown", action="store_true", help="Print the table of --out as Markdown; compile nothing.")
     args = parser.parse_args()
@@ -156,7 +157,8 @@ def main():
     if "paper" in cells:
         for model in models:
             results = table.setdefault(model, {})
-            for accelerator, topology in SLICES.items():
+            for accelerator in args.slices.split(","):
+                topology = SLICES[accelerator]
                 if accelerator not in results:
                     results[accelerator] = {"topology": topology,
                                             **cell_summary(compile_cell(MODELS[model], topology, PAPER_BATCH))}
