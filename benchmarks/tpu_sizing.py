@@ -124,12 +124,10 @@ def markdown(table: dict) -> str:
                         f"({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | {cell['per_chip_batch']:g} | "
                         f"{memory['total']:.2f} GiB ({memory['arguments']:.2f} + {memory['temporaries']:.2f}) of "
                         f"{memory['capacity']:g} | {cell['hours_at_50pct_mfu']:.2f} | {cell['compile_seconds']:.0f} |")
-    largest = [f"ViT-{model[0].upper()}: {table[model]['largest_v5e']['largest_per_chip_batch']} clips per chip"
-               for model in MODELS if "largest_v5e" in table.get(model, {})]
+    largest = [f"ViT-{model[0].upper()}: {found['largest_per_chip_batch']} clips per chip (to {found['resolution']})"
+               for model in MODELS if (found := table.get(model, {}).get("largest_v5e"))]
     if largest:
-        rows.append("")
-        rows.append(f"Largest per-chip batch that compiles on v5e (to {table[next(m for m in MODELS if 'largest_v5e' in table.get(m, {}))]['largest_v5e']['resolution']} clips): "
-                    + "; ".join(largest) + ".")
+        rows += ["", "Largest per-chip batch that compiles on v5e: " + "; ".join(largest) + "."]
     return "\n".join(rows)
 
 
