@@ -3,8 +3,8 @@
     python benchmarks/data_prep_throughput.py [--videos DIR | --demo] [--copies 2] [--workers 1 2] [--repeats 3]
         [--tracking on off] [--runner local DirectRunner]
 
-Builds shards from the sample videos (the folder named by $MARLIN_SAMPLES_DIR, each linked `--copies` times so that a
-build outlasts worker start-up; else, or with --demo, the demo videos, made on the spot) with
+Builds shards from the sample videos (the folder named by $MARLIN_SAMPLES_DIR, each linked `--copies` times so
+that a build outlasts worker start-up; else, or with --demo, the demo videos, made on the spot) with
 detect-then-track and with --no-tracking (the detector on every frame), for each worker count and each
 runner (`local`: the builder's worker processes; `DirectRunner`: the Beam pipeline, its workers in processes,
 which needs the [beam] extra), `--repeats` rounds interleaved in one run, and prints JSON per setting
@@ -41,7 +41,8 @@ from data_prep.demo_videos import synthesize_videos
 from marlin_jax.data import codecs
 from marlin_jax.faces import FaceCropper
 
-SAMPLES = Path(os.environ.get("MARLIN_SAMPLES_DIR")) if os.environ.get("MARLIN_SAMPLES_DIR") else None  # the sample face videos, as the tests name them
+# The sample face videos, named as the tests name them.
+SAMPLES = Path(os.environ["MARLIN_SAMPLES_DIR"]) if "MARLIN_SAMPLES_DIR" in os.environ else None
 
 
 def cpu_seconds() -> float:

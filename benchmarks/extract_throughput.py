@@ -13,9 +13,9 @@ paired speedups are printed too. MFU (benchmarks/mfu.py) divides each framework'
 the architecture; XLA's count beside it) by that framework's own matmul probe; "mfu_by_cpu_time" does the same
 per second of the process's CPU time, which other load on a shared machine hardly moves.
 
-End to end (`--videos`, default $MARLIN_SAMPLES_DIR, the sample face videos): `marlin_jax.video_features.extract_videos` on
-every video there, as `python -m marlin_jax.extract` runs it: decode, (with --crop-face) MediaPipe face crop,
-encode. Reported in clips/s beside the encoder-only rate at the same batch size, with the share of the time
+End to end (`--videos`, default $MARLIN_SAMPLES_DIR, the sample face videos):
+`marlin_jax.video_features.extract_videos` on every video there, as `python -m marlin_jax.extract` runs it:
+decode, (with --crop-face) MediaPipe face crop, encode. Reported in clips/s beside the encoder-only rate at the same batch size, with the share of the time
 the encoder accounts for. Prints one JSON object.
 """
 

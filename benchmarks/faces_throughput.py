@@ -24,7 +24,7 @@ import skimage.data
 
 from marlin_jax.faces import FaceCropper
 
-SAMPLES = Path(os.environ.get("MARLIN_SAMPLES_DIR")) if os.environ.get("MARLIN_SAMPLES_DIR") else None
+SAMPLES = Path(os.environ["MARLIN_SAMPLES_DIR"]) if "MARLIN_SAMPLES_DIR" in os.environ else None
 SAMPLE_VIDEOS = ("video01.mp4", "video04.mp4")
 
 

@@ -2,8 +2,8 @@
 
     python benchmarks/faces_tracking_quality.py [--videos DIR] [--redetect-every 3] [--no-noise-floor]
 
-Runs FaceCropper over each video of the sample face videos ($MARLIN_SAMPLES_DIR, or --videos) with tracking and without,
-and prints JSON pooled over all frames and per video:
+Runs FaceCropper over each of the sample face videos ($MARLIN_SAMPLES_DIR, or --videos) with tracking and
+without, and prints JSON pooled over all frames and per video:
 - landmark_px_median / _p90: distance between the two paths' landmarks, in source pixels, over all
   landmarks of the frames where both found a face (_tracked_frames: only where tracking did not run the
   detector, so that the two paths differ);
@@ -29,7 +29,7 @@ from data_prep.frames import iter_video_frames
 from marlin_jax.faces import FaceCropper, FaceCrops
 from marlin_jax.faces.tracking import DEFAULT_REDETECT_EVERY
 
-SAMPLES = Path(os.environ.get("MARLIN_SAMPLES_DIR")) if os.environ.get("MARLIN_SAMPLES_DIR") else None
+SAMPLES = Path(os.environ["MARLIN_SAMPLES_DIR"]) if "MARLIN_SAMPLES_DIR" in os.environ else None
 
 
 def crop_video(cropper: FaceCropper, frames: Iterator[np.ndarray]) -> FaceCrops:

@@ -117,7 +117,8 @@ def markdown(table: dict) -> str:
                 rows.append(f"| ViT-{model[0].upper()} | {accelerator} ({topology}) | not compiled yet | | | | | |")
                 continue
             if "error" in cell:
-                rows.append(f"| ViT-{model[0].upper()} | {accelerator} ({topology}) | error: {cell['error']} | | | | | |")
+                rows.append(f"| ViT-{model[0].upper()} | {accelerator} ({topology}) | error: {cell['error']} "
+                            "| | | | | |")
                 continue
             memory, mesh = cell["hbm_per_chip_gib"], cell["mesh"]
             rows.append(f"| ViT-{model[0].upper()} | {accelerator} ({topology}) | {'yes' if cell['fits'] else 'no'} | "
@@ -138,7 +139,8 @@ def main():
     parser.add_argument("--cells", default="paper,largest")
     parser.add_argument("--slices", default=",".join(SLICES), help="The paper cells' slices, in the order to compile.")
     parser.add_argument("--resolution", type=int, default=8, help="Clips per chip the largest-batch search resolves.")
-    parser.add_argument("--markdown", action="store_true", help="Print the table of --out as Markdown; compile nothing.")
+    parser.add_argument("--markdown", action="store_true",
+                        help="Print the table of --out as Markdown; compile nothing.")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     table = json.loads(out.read_text()) if out.exists() else {}

@@ -9,8 +9,8 @@
     python -m data_prep.build --runner=DataflowRunner --project=P --region=us-central1 \
         --temp_location=gs://B/tmp --input gs://B/videos --output gs://B/shards
 
-Rerunning the same command resumes an interrupted build. See `data_prep.build_state` for how, `data_prep.local_build` for the local run, and
-`data_prep.beam_pipeline` for the pipeline.
+Rerunning the same command resumes an interrupted build. See `data_prep.build_state` for how,
+`data_prep.local_build` for the local run, and `data_prep.beam_pipeline` for the pipeline.
 """
 
 import functools

@@ -52,11 +52,12 @@ def _process_and_assemble(build: BuildState, config: BuildConfig,
     with tqdm(total=len(build.shard_of), initial=len(build.shard_of) - len(pending), unit="video",
               smoothing=0.1) as bar:
         frames, start = 0, time.perf_counter()
+        failed = build.failed_count()  # counted on as sources finish, not recounted over all of them each time
         for status in run_in_workers(process.process_source, tasks, factory, settings, config.workers):
             build.record(status)
             frames += status["num_frames"]
-            bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}",
-                            failed=build.failed_count())
+            failed += status["status"] == "failed"
+            bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}", failed=failed)
             bar.update()
     return build.finish()
 
