@@ -4,6 +4,8 @@ one way to report bad input: one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
+import gc
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -68,9 +70,19 @@ def metrics_text(metrics: dict) -> str:
                      for name, value in sorted(metrics.items()))
 
 
-def fail(message: str) -> None:
-    """Bad input, said the one way every entry point says it."""
-    print(f"error: {message}", file=sys.stderr)
+def fail(message: str, *, after_background_writers: bool = False) -> None:
+    """Bad input, said the one way every entry point says it: one line, written with one call so that no other
+    thread's output lands inside it. `after_background_writers`: other threads may still be writing (a checkpoint
+    save failing in the background prints from orbax's and tensorstore's threads), so the line starts on a line of
+    its own; and the tasks that save abandoned, which asyncio reports one traceback each when they are collected
+    at exit, are not reported again after the line that sums them up."""
+    if after_background_writers:
+        std_logging.getLogger("asyncio").disabled = True
+        gc.collect()
+        sys.stdout.flush()
+    line_start = "\n" if after_background_writers else ""
+    sys.stderr.write(f"{line_start}error: {message}\n")
+    sys.stderr.flush()
     sys.exit(2)
 
 
@@ -126,7 +138,9 @@ def run(main, flags_parser=parse_flags) -> None:
     def guarded(argv):
         try:
             return main(argv)
-        except (ValueError, ImportError, app.UsageError, storage.DiskFullError) as error:
+        except storage.DiskFullError as error:
+            fail(str(error), after_background_writers=True)
+        except (ValueError, ImportError, app.UsageError) as error:
             fail(str(error))
         except FloatingPointError as error:
             print(f"stopped: {error}", file=sys.stderr)

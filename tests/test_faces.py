@@ -1,6 +1,9 @@
 """Tests for marlin_jax.faces: detection, landmarks, the official crop, region maps (CPU)."""
 
+import concurrent.futures.thread
+import gc
 import pickle
+import threading
 from pathlib import Path
 
 import cv2
@@ -29,6 +32,24 @@ def cropper() -> FaceCropper:
 @pytest.fixture(scope="module")
 def detector() -> FaceDetector:
     return FaceDetector()
+
+
+def test_a_detector_collected_during_an_executor_submit_is_closed_later_without_deadlock():
+    """A garbage collection can run inside ThreadPoolExecutor.submit, which holds concurrent.futures' process-wide
+    lock (a private name, held here to stand for that moment), and closing MediaPipe's detector submits too: the
+    collected detector must wait to be closed, not block on that lock (data_prep hung there with one worker)."""
+    def collect_inside_submit():
+        detector = FaceDetector()
+        detector.itself = detector  # a cycle: only the collector frees it
+        del detector
+        with concurrent.futures.thread._global_shutdown_lock:
+            gc.collect()
+        FaceDetector().close()  # the next detector made closes the collected one first
+
+    worker = threading.Thread(target=collect_inside_submit, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "closing a collected detector waited on the executor's lock"
 
 
 def rotated_astronaut(degrees: float) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Face detection with MediaPipe's BlazeFace (short range) through the Tasks API."""
 
+import atexit
 import dataclasses
 import weakref
 
@@ -28,6 +29,26 @@ class FaceDetection:
     score: float
 
 
+# Detectors whose FaceDetector was collected, waiting to be closed at a safe point: the next FaceDetector made or
+# detection run, or exit. Closing one submits to a ThreadPoolExecutor (mediapipe's dispatcher), and a garbage
+# collection can run inside another submit, which holds concurrent.futures' process-wide lock: a close from the
+# finalizer itself would wait on that lock forever.
+_released: list[vision.FaceDetector] = []
+_alive: "weakref.WeakSet[FaceDetector]" = weakref.WeakSet()
+
+
+def _close_released() -> None:
+    while _released:
+        _close(_released.pop())
+
+
+@atexit.register
+def _close_all() -> None:
+    for face_detector in list(_alive):
+        face_detector.close()
+    _close_released()
+
+
 def _close(detector: vision.FaceDetector) -> None:
     """Closes a detector, or forgets it when the interpreter is exiting.
 
@@ -50,11 +71,19 @@ class FaceDetector:
             running_mode=vision.RunningMode.IMAGE,
             min_detection_confidence=min_confidence,
         )
+        _close_released()
         self._detector = vision.FaceDetector.create_from_options(options)
-        weakref.finalize(self, _close, self._detector)
+        self._finalizer = weakref.finalize(self, _released.append, self._detector)
+        _alive.add(self)
+
+    def close(self) -> None:
+        """Releases MediaPipe's detector now; otherwise that happens after this object is collected."""
+        if self._finalizer.detach() is not None:
+            _close(self._detector)
 
     def detect(self, image: np.ndarray) -> FaceDetection | None:
         """Returns the most confident face in `image` ((H, W, 3) uint8 RGB), or None."""
+        _close_released()
         height, width = image.shape[:2]
         # mp.Image reads the raw buffer as if it were C-contiguous: a strided array (e.g. PyAV
         # frames with padded rows) is silently misread, so copy those.
