@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -68,7 +69,21 @@ class _EpathEventFiles:
         """Buckets have no folders to create."""
 
 
+def _import_tensorboardx() -> None:
+    """Imports tensorboardX without the `import torch` it attempts at import time, which costs about a second of
+    every run's start wherever torch is installed and serves only its type hints. A torch imported later (export)
+    is unaffected."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        return
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+    try:
+        import tensorboardX  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
 def _summary_writer(logdir: epath.Path):
+    _import_tensorboardx()
     from tensorboardX import SummaryWriter, record_writer
     if is_remote(logdir):
         record_writer.register_writer_factory(str(logdir).partition("://")[0], _EpathEventFiles())
