@@ -186,18 +186,19 @@ def demo_shards(tmp_path_factory) -> pathlib.Path:
 
 @pytest.mark.slow
 def test_the_demo_learns_the_face_layout(demo_shards, tmp_path):
-    """README command 1, shortened to its first 200 steps (before the adversarial term starts): the held-out
-    reconstruction error must already beat predicting each clip's mean colour, which a model that has learned
-    nothing about faces does not."""
+    """README command 1, shortened to 150 steps (the adversarial term starts at 500): the held-out reconstruction
+    error must already beat predicting each clip's mean colour, which a model that has learned nothing about faces
+    does not. Measured (AMD EPYC, 2026-12-07): 0.051 against the baseline's 0.065 after 150 steps; after 100 of a
+    100-step run it was 0.063, too close to tell learning from noise."""
     demo_config = str(REPO_ROOT / "configs/pretrain/marlin_vit_small.py") + ":demo"
     # Compiled with LLVM's optimisations (the session compiles without, conftest.py): this run's time goes into
-    # executing 200 steps, which they speed up by more than they add to its compile.
+    # executing 150 steps, which they speed up by more than they add to its compile.
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=2")
     result = subprocess.run([sys.executable, "-m", "marlin_jax.train", f"--config={demo_config}",
                              f"--workdir={tmp_path}", f"--config.data.path={demo_shards}",
-                             "--config.total_steps=200"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                             "--config.total_steps=150"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    final = read_metrics(tmp_path)[200]
+    final = read_metrics(tmp_path)[150]
     assert final["val/rec_loss"] < final["val/rec_loss_baseline"], final
-    assert (tmp_path / "reconstructions" / "step_00000200.png").is_file()
+    assert (tmp_path / "reconstructions" / "step_00000150.png").is_file()
