@@ -1,7 +1,8 @@
 """Pretraining as a user runs it (`python -m marlin_jax.train` on the demo data), on the default compute path:
 bf16 compute, remat, 2 data-loading workers and a warmup, against the same run in float32; the compiled step
 holds the rematerialisation and the bf16 matmuls; the workers feed the clips the training process would read
-itself; and the logged learning rate against the official formula, for both `learning_rate.schedule_unit`s.
+itself; and the learning rate against the official formula: logged by the runs (per step), and the per-epoch
+schedule the trainer builds.
 
 Every run logs each step to <workdir>/metrics.jsonl. The demo data (tiny_pretraining's 32 px shards of 15 videos)
 has 12 training clips and the runs use batch 8: the official trainer's epoch is len(DataLoader) = ceil(12 / 8) = 2
@@ -29,7 +30,8 @@ from marlin_jax.data import codecs
 from marlin_jax.data.schema import parse_clip
 from marlin_jax.data.shards import load_manifest
 from marlin_jax.data.tfrecord import read_records
-from marlin_jax.pretraining.trainer import build_trainer
+from marlin_jax.pretraining.trainer import build_trainer, schedule_lengths
+from marlin_jax.training.schedules import learning_rate_schedule
 from marlin_jax.interop import saved_models
 from official_lr import official_lr_curve, official_lr_per_batch
 from tiny_pretraining import IMAGE_SIZE, REPO_ROOT, TINY_CONFIG, make_small_demo, tiny_config
@@ -208,12 +210,20 @@ def test_logged_lr_is_the_official_curve_per_step(demo_data, fp32_run, bf16_run)
         np.testing.assert_allclose([row["lr"] for row in run.rows], expected, rtol=1e-5, atol=1e-10)
 
 
-def test_logged_lr_is_the_official_per_epoch_stepping(demo_data, tmp_path):
+def test_the_per_epoch_schedule_is_the_official_stepping(demo_data):
+    """`learning_rate.schedule_unit=epoch`: the schedule the trainer builds from the config and the manifest (the
+    one its train step logs, as the test above shows for the per-step unit) holds each epoch's rate, with the
+    official epoch length ceil(clips / batch)."""
     shards, clips = demo_data
     assert clips % BATCH, "a partial last batch is what tells floor from the official ceil"
     iterations, epochs = official_iterations_per_epoch(clips), 4
-    rows = train(tmp_path, shards, epochs, epochs * iterations, "--config.learning_rate.schedule_unit=epoch",
-                 "--config.data.worker_count=0")
+    config = tiny_config(shards, batch_size=BATCH, num_epochs=epochs, total_steps=epochs * iterations,
+                         **{"learning_rate.warmup_epochs": WARMUP_EPOCHS, "learning_rate.schedule_unit": "epoch"})
+    steps_per_epoch, total_steps = schedule_lengths(config)
+    assert (steps_per_epoch, total_steps) == (iterations, epochs * iterations)
+    schedule = learning_rate_schedule(config.learning_rate, BATCH, steps_per_epoch, total_steps)
     peak, minimum = _peak_and_minimum()
     expected = official_lr_per_batch(peak, minimum, WARMUP_EPOCHS, epochs, iterations)
-    np.testing.assert_allclose([row["lr"] for row in rows], expected, rtol=1e-5, atol=1e-10)
+    # The step logs the rate it applies: the schedule at the step's index (0 for the first logged row).
+    np.testing.assert_allclose([float(schedule(step)) for step in range(total_steps)], expected, rtol=1e-5,
+                               atol=1e-10)
