@@ -194,7 +194,7 @@ def make_pretrain_demo(config: ml_collections.ConfigDict, model_name: str) -> No
     """The quickstart: a run on the demo shards that visibly learns on a CPU in a few minutes.
 
     Tuned on the demo data (2 CPU cores): at 112 px, widths of 128 and 800 steps of batch 4 reach a val
-    reconstruction error of 0.011 against the mean-colour baseline's 0.074, and the reconstructions show eyes,
+    reconstruction error of about 0.01 against the mean-colour baseline's 0.074, and the reconstructions show eyes,
     nose and mouth in place (the 64-wide tiny model only blurred them). The adversarial term starts at step 500:
     switched on from the start, the untrained critic's gradients slowed the reconstruction down within this short
     a run (the official run adds it from the start of 2000 epochs).
