@@ -13,6 +13,7 @@ import skimage.data
 
 from marlin_jax import masking
 from marlin_jax.faces import REGION_LABELS, FaceCropper, FaceCrops, NoFaceError
+from marlin_jax.faces import detection as detection_module
 from marlin_jax.faces.crop import OFFICIAL_BOX_SCALE, OFFICIAL_BOX_SHIFT, crop_square, to_crop_coordinates
 from marlin_jax.faces.cropper import fill_missing, smooth_squares
 from marlin_jax.faces.detection import LEFT_EYE, MOUTH_CENTRE, NOSE_TIP, RIGHT_EYE, FaceDetection, FaceDetector
@@ -38,18 +39,24 @@ def test_a_detector_collected_during_an_executor_submit_is_closed_later_without_
     """A garbage collection can run inside ThreadPoolExecutor.submit, which holds concurrent.futures' process-wide
     lock (a private name, held here to stand for that moment), and closing MediaPipe's detector submits too: the
     collected detector must wait to be closed, not block on that lock (data_prep hung there with one worker)."""
+    waiting = []
+
     def collect_inside_submit():
         detector = FaceDetector()
         detector.itself = detector  # a cycle: only the collector frees it
         del detector
         with concurrent.futures.thread._global_shutdown_lock:
             gc.collect()
-        FaceDetector().close()  # the next detector made closes the collected one first
+        waiting.append(len(detection_module._released))
+        next_detector = FaceDetector()  # closes the collected one first
+        waiting.append(len(detection_module._released))
+        next_detector.close()
 
     worker = threading.Thread(target=collect_inside_submit, daemon=True)
     worker.start()
     worker.join(timeout=60)
     assert not worker.is_alive(), "closing a collected detector waited on the executor's lock"
+    assert waiting == [1, 0], waiting
 
 
 def rotated_astronaut(degrees: float) -> np.ndarray:
