@@ -15,8 +15,8 @@ per second of the process's CPU time, which other load on a shared machine hardl
 
 End to end (`--videos`, default $MARLIN_SAMPLES_DIR, the sample face videos):
 `marlin_jax.video_features.extract_videos` on every video there, as `python -m marlin_jax.extract` runs it:
-decode, (with --crop-face) MediaPipe face crop, encode. Reported in clips/s beside the encoder-only rate at the same batch size, with the share of the time
-the encoder accounts for. Prints one JSON object.
+decode, (with --crop-face) MediaPipe face crop, encode. Reported in clips/s beside the encoder-only rate at
+the same batch size, with the share of the time the encoder accounts for. Prints one JSON object.
 """
 
 from __future__ import annotations
