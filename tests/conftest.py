@@ -170,12 +170,25 @@ def colour_csv(tmp_path_factory) -> pathlib.Path:
     return folder / "videos.csv"
 
 
+# The files that take longest, longest first (CPU time in the whole-suite run of docs/testing.md). With
+# pytest-xdist handing out whole files in this order, each starts on a worker at once and the quick files fill in
+# at the end; a long file handed out last would keep its worker busy after the others had finished.
+LONGEST_FILES = ("test_multihost.py", "test_train.py", "test_gcs.py", "test_default_compute_path.py",
+                 "test_elastic_resume.py", "test_finetune.py", "test_aot.py", "test_reference_iteration.py",
+                 "test_checkpoint_faults.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Files holding slow tests run first, each file's tests together and in their order: with pytest-xdist
-    (`--dist loadfile` hands out whole files) the long files start at once and the quick ones fill in at the end."""
+    """Files run whole, each file's tests in their order: LONGEST_FILES first, then the other files holding slow
+    tests, then the rest."""
     files = {}
     for item in items:
         files.setdefault(item.path, []).append(item)
     has_slow = {path: any(item.get_closest_marker("slow") for item in tests) for path, tests in files.items()}
-    items[:] = [item for path in sorted(files, key=lambda path: not has_slow[path]) for item in files[path]]
+
+    def position(path):
+        return (LONGEST_FILES.index(path.name) if path.name in LONGEST_FILES else len(LONGEST_FILES),
+                not has_slow[path])
+
+    items[:] = [item for path in sorted(files, key=position) for item in files[path]]
 

@@ -219,6 +219,9 @@ def test_clips_are_resized_and_eval_clips_fixed(colour_csv):
     assert [b.shape[0] for b in first] == [8, 8]
     assert not first[1][len(split) - 8:].any()  # padding rows are blank
     np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+    # Decoded in worker processes (3 asked for, one per batch started): the same batches.
+    in_workers = list(eval_batches(split, 8, 0, settings, Parallelism(1, 1, workers=3)))
+    np.testing.assert_array_equal(np.concatenate(in_workers), np.concatenate(first))
 
 
 @pytest.mark.slow

@@ -56,6 +56,7 @@ RUN = (f"--config.model.img_size={IMAGE_SIZE}", f"--config.total_steps={TOTAL_ST
        "--config.checkpoint_every=1", "--config.keep_checkpoints=10", "--config.evals.val.every=2",
        "--config.evals.probe.every=3", "--config.evals.probe.batch_size=4", "--config.evals.probe.name=demo",
        "--config.learning_rate.warmup_epochs=1", "--config.mesh.shape=(1,4,1)")
+CACHE_EVERY_PROCESS = pathlib.Path(__file__).with_name("cache_every_process.py")
 PROCESS_ENV = {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
 
 
@@ -66,9 +67,11 @@ def _free_port() -> int:
 
 
 def start_processes(module: str, *args: str, count: int = 2) -> list[subprocess.Popen]:
-    """`python -m <module> <args>` as `count` JAX processes of one job."""
+    """`python -m <module> <args>` as `count` JAX processes of one job, each writing the programs it compiles to
+    the session's compilation cache (tests/cache_every_process.py)."""
     port, env = _free_port(), {**os.environ, **PROCESS_ENV}
-    return [subprocess.Popen([sys.executable, "-m", module, *args, f"--coordinator_address=127.0.0.1:{port}",
+    return [subprocess.Popen([sys.executable, str(CACHE_EVERY_PROCESS), module, *args,
+                              f"--coordinator_address=127.0.0.1:{port}",
                               f"--num_processes={count}", f"--process_id={index}"],
                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for index in range(count)]

@@ -40,13 +40,17 @@ def _batch(batch_size: int, seed: int) -> dict[str, np.ndarray]:
             "occupancy": occupancy}
 
 
+def _initial_state(g_tx, d_tx):
+    # jit: an eager init runs the model op by op, each op compiled on its own (seconds).
+    return jax.jit(lambda key: nn.meta.unbox(init_train_state(key, ARCH, g_tx, d_tx)))(jax.random.key(0))
+
+
 def _setup(config, lr: float = 1e-3):
     settings = StepSettings.from_config(config, ARCH)
     schedule = optax.constant_schedule(lr)
     g_tx = make_optimizer(config.optimizer)
     d_tx = make_optimizer(config.optimizer)
-    state = nn.meta.unbox(init_train_state(jax.random.key(0), ARCH, g_tx, d_tx))
-    return settings, g_tx, d_tx, schedule, state
+    return settings, g_tx, d_tx, schedule, _initial_state(g_tx, d_tx)
 
 
 def _max_difference(a, b) -> float:
@@ -58,10 +62,10 @@ def _max_difference(a, b) -> float:
 def test_gradient_accumulation_matches_the_full_batch():
     # Plain SGD makes the parameter change linear in the gradients (Adam's first step is ~sign(g), which
     # would magnify float noise in near-zero gradients).
-    settings, _, _, _, _ = _setup(_config())
+    settings = StepSettings.from_config(_config(), ARCH)
     accumulated = StepSettings.from_config(_config(grad_accum_steps=2), ARCH)
     sgd, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)  # the step scales updates by the schedule
-    state = nn.meta.unbox(init_train_state(jax.random.key(0), ARCH, sgd, sgd))
+    state = _initial_state(sgd, sgd)
     full = jax.jit(make_train_step(settings, sgd, sgd, schedule))
     micro = jax.jit(make_train_step(accumulated, sgd, sgd, schedule))
     batch, key = _batch(4, 7), jax.random.key(3)
@@ -123,7 +127,7 @@ def test_remat_gives_the_same_gradients_in_float32():
     # With plain SGD at rate 1 each parameter moves by exactly its gradient (the generator's is taken against
     # the updated discriminator, so both networks' gradients are compared).
     sgd, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)  # the step scales updates by the schedule
-    state = nn.meta.unbox(init_train_state(jax.random.key(0), ARCH, sgd, sgd))
+    state = _initial_state(sgd, sgd)
     batch, key = _batch(2, 4), jax.random.key(5)
     results = {}
     for remat in (False, True):

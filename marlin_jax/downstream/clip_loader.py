@@ -121,4 +121,8 @@ def eval_batches(split: LabelledSplit, global_batch_size: int, seed: int, settin
     indices = np.full(count, PADDING)
     indices[:len(split)] = np.arange(len(split))
     batches = grain.MapDataset.source(indices.reshape(-1, global_batch_size)).map(LoadEvalBatch(split, settings, seed))
-    return _iterate(batches, parallelism)
+    # Each evaluation starts its own worker processes, and starting one costs seconds (it imports JAX and grain):
+    # no more workers than batches, and none for a single batch, which no worker could decode while another is
+    # used. The batches are the same with any number of workers.
+    workers = min(parallelism.workers, len(batches)) if len(batches) > 1 else 0
+    return _iterate(batches, dataclasses.replace(parallelism, workers=workers))
