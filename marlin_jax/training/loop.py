@@ -11,6 +11,7 @@ profiler window. Every host runs the same loop on its share of each global batch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import jax
 from etils import epath
 from tqdm import tqdm
 
+from marlin_jax import storage
 from marlin_jax.training import checkpoints, reporting, sharding
 from marlin_jax.training.evaluator_protocol import Evaluator, is_due
 from marlin_jax.training.run_control import PreemptionWatch, ProfileWindow, announce, check_finite
@@ -109,10 +111,18 @@ def train(trainer: Trainer) -> LoopResult:
         # activation-sharding constraints are silently dropped.
         with sharding.activate(trainer.mesh, trainer.logical_axis_rules):
             best = _resume(trainer, manager)
-            return _run(trainer, manager, best)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
+            result = _run(trainer, manager, best)
+    except BaseException:
+        # A save that failed in the background (a full disk) can fail again while the manager shuts down, with
+        # orbax's bare error; the error already on its way out is the one that says what happened.
+        with contextlib.suppress(Exception):
+            manager.wait_until_finished()
+        with contextlib.suppress(Exception):
+            manager.close()
+        raise
+    manager.wait_until_finished()
+    manager.close()
+    return result
 
 
 def _resume(trainer: Trainer, manager) -> checkpoints.BestRecord | None:
@@ -217,13 +227,32 @@ def _run(trainer: Trainer, manager, best: checkpoints.BestRecord | None) -> Loop
                 _save(trainer, manager, done, best)
             if is_last:
                 break
-    finally:
-        profile.stop()
-        preemption.close()
-        progress.close()
-        reporter.close()
-        checkpoints.wait_for_saves(manager, trainer.split_state(trainer.state))  # a full disk surfaces here
+    except BaseException as failure:
+        # A full disk also fails the event file's last flush: closing must not replace the error on its way out.
+        for close in (profile.stop, preemption.close, progress.close, reporter.close):
+            with contextlib.suppress(Exception):
+                close()
+        _raise_a_failed_background_save(manager, trainer, failure)
+        raise
+    profile.stop()
+    preemption.close()
+    progress.close()
+    reporter.close()
+    checkpoints.wait_for_saves(manager, trainer.split_state(trainer.state))  # a full disk surfaces here
     return LoopResult(done, stopped_by, last_values, best)
+
+
+def _raise_a_failed_background_save(manager, trainer: Trainer, failure: BaseException) -> None:
+    """Waits for the checkpoint saves still running after the run failed. When the disk filled up, a save that
+    failed in the background did so first (a best/ save, say, then found the disk full): its error, which names
+    the checkpoints a rerun resumes from, is raised instead. Any other failure stays the one reported."""
+    try:
+        checkpoints.wait_for_saves(manager, trainer.split_state(trainer.state))
+    except checkpoints.CheckpointDiskFullError as background_failure:
+        if isinstance(failure, storage.DiskFullError):
+            raise background_failure from failure
+    except Exception:
+        pass
 
 
 def _metadata(trainer: Trainer, step: int, best: checkpoints.BestRecord | None) -> dict:
