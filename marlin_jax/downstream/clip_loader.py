@@ -14,7 +14,8 @@ all-zero clips, which the caller drops.
 Decoding runs in `threads` threads per process and, with `workers` > 0, in that many worker processes (grain's
 `mp_prefetch`, spawned, each taking every `workers`-th batch; the batches come out in the same order). PyAV
 holds the GIL for part of each frame, so threads alone stop scaling at a few cores. A loader's state depends
-on `workers`: resume with the same value. Call `.close()` on an iterator to stop its workers.
+on `workers`: resume with the same value. Call `.close()` on an iterator to stop its workers. An evaluation
+starts at most one worker per batch, and none for a single batch.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def eval_batches(split: LabelledSplit, global_batch_size: int, seed: int, settin
     indices[:len(split)] = np.arange(len(split))
     batches = grain.MapDataset.source(indices.reshape(-1, global_batch_size)).map(LoadEvalBatch(split, settings, seed))
     # Each evaluation starts its own worker processes, and starting one costs seconds (it imports JAX and grain):
-    # no more workers than batches, and none for a single batch, which no worker could decode while another is
-    # used. The batches are the same with any number of workers.
+    # no more workers than batches, and none for a single batch (there is no other batch to decode meanwhile).
+    # The batches are the same with any number of workers.
     workers = min(parallelism.workers, len(batches)) if len(batches) > 1 else 0
     return _iterate(batches, dataclasses.replace(parallelism, workers=workers))
