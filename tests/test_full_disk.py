@@ -6,6 +6,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from data_prep.local_build import build_dataset
 from data_prep.demo_videos import render_video, write_mp4
 from marlin_jax.data.shards import load_manifest
 from marlin_jax.interop import saved_models
+from marlin_jax.training import loop
+from marlin_jax.training.checkpoints import CheckpointDiskFullError
+from marlin_jax.training.run_control import NonFiniteLossError
 from tiny_pretraining import read_metrics, run_env, run_train, without_timing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +133,30 @@ def test_the_build_command_reports_a_full_disk_in_one_line(videos, reference, sm
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: no space left for {output}/"), result.stderr[-3000:]
     assert "rerun the same command" in errors[0]
+
+
+class _ManagerWhoseSaveFailed:
+    """A checkpoint manager whose background save failed on a full disk, as orbax reports it."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def wait_until_finished(self):
+        raise ValueError(f"RESOURCE_EXHAUSTED: Error writing local file \"{self.directory}/4.orbax-checkpoint-tmp/x\": "
+                         "No space left on device [os_error_code='28']")
+
+
+def test_a_checkpoint_save_that_failed_first_is_the_full_disk_reported(tmp_path):
+    """The checkpoint save of a step failed in the background; a later write (best/) then found the disk full and
+    raised first. The loop reports the checkpoint save's error, which names what a rerun resumes from; a failure
+    that is not a full disk stays the one reported."""
+    manager = _ManagerWhoseSaveFailed(tmp_path)
+    trainer = types.SimpleNamespace(state=None, split_state=lambda state: ({}, {}))
+    best_failed = CheckpointDiskFullError(28, f"no space left to write a checkpoint in {tmp_path / 'best'}")
+    with pytest.raises(CheckpointDiskFullError, match=f"write a checkpoint in {tmp_path} ") as raised:
+        loop._raise_a_failed_background_save(manager, trainer, best_failed)
+    assert raised.value.__cause__ is best_failed
+    loop._raise_a_failed_background_save(manager, trainer, NonFiniteLossError("non-finite values at step 2"))
 
 
 def test_the_error_survives_a_worker_process_boundary():

@@ -178,6 +178,7 @@ def _run(trainer: Trainer, manager, best: checkpoints.BestRecord | None) -> Loop
     throughput = _Throughput(trainer.global_batch_size)
     progress = tqdm(total=trainer.total_steps, initial=start, desc=trainer.name, unit="step",
                     disable=jax.process_index() != 0)
+    closers = (profile.stop, preemption.close, progress.close, reporter.close)
     stopped_by, done = "total_steps", start
     try:
         for step in range(start, trainer.total_steps):
@@ -229,15 +230,13 @@ def _run(trainer: Trainer, manager, best: checkpoints.BestRecord | None) -> Loop
                 break
     except BaseException as failure:
         # A full disk also fails the event file's last flush: closing must not replace the error on its way out.
-        for close in (profile.stop, preemption.close, progress.close, reporter.close):
+        for close in closers:
             with contextlib.suppress(Exception):
                 close()
         _raise_a_failed_background_save(manager, trainer, failure)
         raise
-    profile.stop()
-    preemption.close()
-    progress.close()
-    reporter.close()
+    for close in closers:
+        close()
     checkpoints.wait_for_saves(manager, trainer.split_state(trainer.state))  # a full disk surfaces here
     return LoopResult(done, stopped_by, last_values, best)
 
@@ -251,7 +250,7 @@ def _raise_a_failed_background_save(manager, trainer: Trainer, failure: BaseExce
     except checkpoints.CheckpointDiskFullError as background_failure:
         if isinstance(failure, storage.DiskFullError):
             raise background_failure from failure
-    except Exception:
+    except Exception:  # any other error while waiting: the failure on its way out is the one to report
         pass
 
 
